@@ -1,0 +1,28 @@
+"""The embedder protocol: texts in, one vector per text out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+
+class Embedder(Protocol):
+    """Turns chunks of text into vectors. Raises worker.errors.RetryableError or PermanentError."""
+
+    @property
+    def model(self) -> str:
+        """The model name recorded on completed jobs."""
+        ...
+
+    @property
+    def max_batch_size(self) -> int:
+        """How many texts one call may carry at most."""
+        ...
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """Embed texts in order; one vector per text."""
+        ...
+
+    async def close(self) -> None:
+        """Release clients and models."""
+        ...
