@@ -1,0 +1,441 @@
+"""JobStore on a SQLite file (WAL): the embedded default backend.
+
+Every operation runs as one synchronous unit on the store's own thread, so a
+transition and its counter updates share one transaction and the event loop
+never blocks on disk. Writes take the write lock up front (BEGIN IMMEDIATE)
+so several processes on one file queue up instead of failing to upgrade.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import json
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Self, TypeVar
+
+from jobs.errors import (
+    JobNotFoundError,
+    StoreUnavailableError,
+    TransitionConflictError,
+)
+from jobs.model import (
+    TERMINAL,
+    Job,
+    JobMetadata,
+    JobStatus,
+    check_transition,
+    format_time,
+    parse_time,
+    utcnow,
+    validate_tenant_id,
+)
+from jobs.store import (
+    DEFAULT_PAGE_SIZE,
+    MAX_PAGE_SIZE,
+    UNSET,
+    Page,
+    StuckJobs,
+    _Unset,
+    decode_continuation,
+    empty_stats,
+    encode_continuation,
+)
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    tenant_id     TEXT NOT NULL,
+    id            TEXT NOT NULL,
+    shard_id      TEXT NOT NULL,
+    shard_type_id TEXT NOT NULL,
+    status        TEXT NOT NULL,
+    retry_count   INTEGER NOT NULL DEFAULT 0,
+    error         TEXT,
+    created_at    TEXT NOT NULL,
+    updated_at    TEXT NOT NULL,
+    completed_at  TEXT,
+    trace_id      TEXT,
+    metadata      TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (tenant_id, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS jobs_tenant_status_created
+    ON jobs (tenant_id, status, created_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS jobs_tenant_created ON jobs (tenant_id, created_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS jobs_tenant_shard_updated ON jobs (tenant_id, shard_id, updated_at DESC);
+CREATE INDEX IF NOT EXISTS jobs_status_updated ON jobs (status, updated_at);
+CREATE TABLE IF NOT EXISTS job_counters (
+    tenant_id TEXT NOT NULL,
+    status    TEXT NOT NULL,
+    count     INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, status)
+) WITHOUT ROWID;
+"""
+
+_COLUMNS = (
+    "tenant_id, id, shard_id, shard_type_id, status, retry_count, error, "
+    "created_at, updated_at, completed_at, trace_id, metadata"
+)
+_STATS_PAGE_ROWS = 1000
+BUSY_TIMEOUT_MS = 10_000
+
+
+def _row_to_job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"],
+        tenant_id=row["tenant_id"],
+        shard_id=row["shard_id"],
+        shard_type_id=row["shard_type_id"],
+        status=JobStatus(row["status"]),
+        retry_count=row["retry_count"],
+        error=row["error"],
+        created_at=parse_time(row["created_at"]),
+        updated_at=parse_time(row["updated_at"]),
+        completed_at=parse_time(row["completed_at"]) if row["completed_at"] else None,
+        trace_id=row["trace_id"],
+        metadata=JobMetadata.from_json(json.loads(row["metadata"])),
+    )
+
+
+def _bump(conn: sqlite3.Connection, tenant_id: str, status: str, delta: int) -> None:
+    conn.execute(
+        "INSERT INTO job_counters (tenant_id, status, count) VALUES (?, ?, ?) "
+        "ON CONFLICT (tenant_id, status) DO UPDATE SET count = count + excluded.count",
+        (tenant_id, status, delta),
+    )
+
+
+class SQLiteJobStore:
+    """JobStore backed by one SQLite file; safe for several processes sharing it."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-jobs")
+        self._conn: sqlite3.Connection | None = None
+
+    @classmethod
+    async def open(cls, path: str | Path) -> Self:
+        """Open (creating if needed) the store at path."""
+        store = cls(path)
+        loop = asyncio.get_running_loop()
+        try:
+            store._conn = await loop.run_in_executor(store._executor, _connect, store.path)
+        except (sqlite3.OperationalError, OSError) as exc:
+            store._executor.shutdown(wait=False)
+            raise StoreUnavailableError(f"cannot open job store at {store.path}: {exc}") from exc
+        return store
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        def call() -> T:
+            try:
+                if self._conn is None:
+                    raise StoreUnavailableError("store is closed")
+                return fn(self._conn, *args)
+            except sqlite3.OperationalError as exc:
+                raise StoreUnavailableError(f"sqlite: {exc}") from exc
+
+        if self._conn is None:
+            raise StoreUnavailableError("store is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def close(self) -> None:
+        """Close the connection and stop the store's thread."""
+        if self._conn is not None:
+            await self._run(lambda conn: conn.close())
+            self._conn = None
+        self._executor.shutdown(wait=True)
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailableError unless a trivial query succeeds."""
+        await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    # -- writes -----------------------------------------------------------------
+
+    async def create(self, job: Job) -> Job:
+        """Insert job; if the tenant already has a job with that id, return the stored one."""
+        return await self._run(self._create, job)
+
+    @staticmethod
+    def _create(conn: sqlite3.Connection, job: Job) -> Job:
+        with _transaction(conn):
+            cursor = conn.execute(
+                f"INSERT INTO jobs ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "  # noqa: S608
+                "ON CONFLICT (tenant_id, id) DO NOTHING",
+                (
+                    job.tenant_id,
+                    job.id,
+                    job.shard_id,
+                    job.shard_type_id,
+                    job.status.value,
+                    job.retry_count,
+                    job.error,
+                    format_time(job.created_at),
+                    format_time(job.updated_at),
+                    format_time(job.completed_at) if job.completed_at else None,
+                    job.trace_id,
+                    json.dumps(job.metadata.to_json()),
+                ),
+            )
+            if cursor.rowcount == 1:
+                _bump(conn, job.tenant_id, job.status.value, 1)
+                return job
+            return _get(conn, job.tenant_id, job.id)
+
+    async def transition(
+        self,
+        tenant_id: str,
+        job_id: str,
+        from_status: JobStatus,
+        to_status: JobStatus,
+        *,
+        error: str | _Unset | None = UNSET,
+        retry_count: int | None = None,
+        metadata: JobMetadata | None = None,
+        trace_id: str | None = None,
+    ) -> Job:
+        """Conditionally move a job between statuses, updating its tenant's counters in one transaction."""
+        validate_tenant_id(tenant_id)
+        check_transition(from_status, to_status)
+        now = format_time(utcnow())
+        sets = ["status = ?", "updated_at = ?"]
+        params: list[Any] = [to_status.value, now]
+        if to_status in TERMINAL:
+            sets.append("completed_at = ?")
+            params.append(now)
+        elif to_status is JobStatus.PENDING:
+            sets.append("completed_at = NULL")
+        if not isinstance(error, _Unset):
+            sets.append("error = ?")
+            params.append(error)
+        if retry_count is not None:
+            sets.append("retry_count = ?")
+            params.append(retry_count)
+        if metadata is not None:
+            sets.append("metadata = ?")
+            params.append(json.dumps(metadata.to_json()))
+        if trace_id is not None:
+            sets.append("trace_id = ?")
+            params.append(trace_id)
+        # Only the fixed column names above are formatted in; every value is a parameter.
+        sql = f"UPDATE jobs SET {', '.join(sets)} WHERE tenant_id = ? AND id = ? AND status = ?"  # noqa: S608
+        params += [tenant_id, job_id, from_status.value]
+
+        def apply(conn: sqlite3.Connection) -> Job:
+            with _transaction(conn):
+                if conn.execute(sql, params).rowcount == 0:
+                    current = _get(conn, tenant_id, job_id)
+                    raise TransitionConflictError(job_id, from_status.value, current.status.value)
+                if from_status is not to_status:
+                    _bump(conn, tenant_id, from_status.value, -1)
+                    _bump(conn, tenant_id, to_status.value, 1)
+                return _get(conn, tenant_id, job_id)
+
+        return await self._run(apply)
+
+    async def purge(self, older_than: timedelta, tenant_id: str | None = None) -> int:
+        """Delete finished jobs whose completion is older than older_than; counters follow."""
+        cutoff = format_time(utcnow() - older_than)
+        terminal = [s.value for s in TERMINAL]
+        where = "status IN (?, ?) AND completed_at < ?"
+        params: list[Any] = [*terminal, cutoff]
+        if tenant_id is not None:
+            validate_tenant_id(tenant_id)
+            where += " AND tenant_id = ?"
+            params.append(tenant_id)
+
+        def apply(conn: sqlite3.Connection) -> int:
+            with _transaction(conn):
+                groups = conn.execute(
+                    f"SELECT tenant_id, status, COUNT(*) AS n FROM jobs WHERE {where} "  # noqa: S608
+                    "GROUP BY tenant_id, status",
+                    params,
+                ).fetchall()
+                conn.execute(f"DELETE FROM jobs WHERE {where}", params)  # noqa: S608
+                for row in groups:
+                    _bump(conn, row["tenant_id"], row["status"], -row["n"])
+                return sum(row["n"] for row in groups)
+
+        return await self._run(apply)
+
+    async def recount(self, tenant_id: str | None = None) -> dict[str, dict[JobStatus, int]]:
+        """Rebuild the counters of one tenant, or all, from the job records."""
+        if tenant_id is not None:
+            validate_tenant_id(tenant_id)
+
+        def apply(conn: sqlite3.Connection) -> dict[str, dict[JobStatus, int]]:
+            with _transaction(conn):
+                if tenant_id is None:
+                    conn.execute("DELETE FROM job_counters")
+                    rows = conn.execute(
+                        "SELECT tenant_id, status, COUNT(*) AS n FROM jobs GROUP BY tenant_id, status"
+                    ).fetchall()
+                else:
+                    conn.execute("DELETE FROM job_counters WHERE tenant_id = ?", (tenant_id,))
+                    rows = conn.execute(
+                        "SELECT tenant_id, status, COUNT(*) AS n FROM jobs WHERE tenant_id = ? "
+                        "GROUP BY tenant_id, status",
+                        (tenant_id,),
+                    ).fetchall()
+                result: dict[str, dict[JobStatus, int]] = {}
+                if tenant_id is not None:
+                    result[tenant_id] = empty_stats()
+                for row in rows:
+                    _bump(conn, row["tenant_id"], row["status"], row["n"])
+                    result.setdefault(row["tenant_id"], empty_stats())[JobStatus(row["status"])] = row["n"]
+                return result
+
+        return await self._run(apply)
+
+    # -- reads ------------------------------------------------------------------
+
+    async def get(self, tenant_id: str, job_id: str) -> Job:
+        """The tenant's job with that id; JobNotFoundError if none."""
+        validate_tenant_id(tenant_id)
+        return await self._run(_get, tenant_id, job_id)
+
+    async def list(
+        self,
+        tenant_id: str,
+        status: JobStatus | None = None,
+        limit: int = DEFAULT_PAGE_SIZE,
+        continuation: str | None = None,
+    ) -> Page:
+        """Newest first by (createdAt, id), resumed by a keyset token so inserts never shift pages."""
+        validate_tenant_id(tenant_id)
+        if not 1 <= limit <= MAX_PAGE_SIZE:
+            raise ValueError(f"limit must be between 1 and {MAX_PAGE_SIZE}")
+        query = {"t": tenant_id, "s": status.value if status else None}
+        where = ["tenant_id = ?"]
+        params: list[Any] = [tenant_id]
+        if status is not None:
+            where.append("status = ?")
+            params.append(status.value)
+        if continuation is not None:
+            position = decode_continuation(continuation, query)
+            where.append("(created_at < ? OR (created_at = ? AND id < ?))")
+            params += [position.get("c"), position.get("c"), position.get("i")]
+        sql = (
+            f"SELECT {_COLUMNS} FROM jobs WHERE {' AND '.join(where)} "  # noqa: S608
+            "ORDER BY created_at DESC, id DESC LIMIT ?"
+        )
+        params.append(limit + 1)
+
+        def read(conn: sqlite3.Connection) -> Page:
+            rows = conn.execute(sql, params).fetchall()
+            items = [_row_to_job(row) for row in rows[:limit]]
+            token = None
+            if len(rows) > limit:
+                last = rows[limit - 1]
+                token = encode_continuation(query, {"c": last["created_at"], "i": last["id"]})
+            return Page(items=items, continuation=token)
+
+        return await self._run(read)
+
+    async def stats(self, tenant_id: str) -> dict[JobStatus, int]:
+        """The tenant's counts per status, from its counter rows."""
+        validate_tenant_id(tenant_id)
+
+        def read(conn: sqlite3.Connection) -> dict[JobStatus, int]:
+            out = empty_stats()
+            rows = conn.execute(
+                "SELECT status, count FROM job_counters WHERE tenant_id = ?", (tenant_id,)
+            ).fetchall()
+            for row in rows:
+                out[JobStatus(row["status"])] = row["count"]
+            return out
+
+        return await self._run(read)
+
+    async def stats_all(self) -> dict[str, dict[JobStatus, int]]:
+        """Every tenant's counts, read in keyset pages of the counter rows."""
+        result: dict[str, dict[JobStatus, int]] = {}
+        after = ("", "")
+        while True:
+            rows = await self._run(
+                lambda conn, a: conn.execute(
+                    "SELECT tenant_id, status, count FROM job_counters "
+                    "WHERE (tenant_id, status) > (?, ?) ORDER BY tenant_id, status LIMIT ?",
+                    (*a, _STATS_PAGE_ROWS),
+                ).fetchall(),
+                after,
+            )
+            for row in rows:
+                result.setdefault(row["tenant_id"], empty_stats())[JobStatus(row["status"])] = row["count"]
+            if len(rows) < _STATS_PAGE_ROWS:
+                return result
+            after = (rows[-1]["tenant_id"], rows[-1]["status"])
+
+    async def stuck(
+        self,
+        older_than: timedelta,
+        statuses: Sequence[JobStatus] = (JobStatus.PENDING, JobStatus.PROCESSING),
+    ) -> builtins.list[StuckJobs]:
+        """Counts of jobs per tenant and status not updated since now - older_than."""
+        if not statuses:
+            return []
+        cutoff = format_time(utcnow() - older_than)
+        marks = ", ".join("?" for _ in statuses)
+        sql = (
+            "SELECT tenant_id, status, COUNT(*) AS n, MIN(updated_at) AS oldest FROM jobs "  # noqa: S608
+            f"WHERE status IN ({marks}) AND updated_at < ? GROUP BY tenant_id, status "
+            "ORDER BY tenant_id, status"
+        )
+        params = [s.value for s in statuses] + [cutoff]
+        rows = await self._run(lambda conn: conn.execute(sql, params).fetchall())
+        return [
+            StuckJobs(
+                tenant_id=row["tenant_id"],
+                status=JobStatus(row["status"]),
+                count=row["n"],
+                oldest_updated_at=parse_time(row["oldest"]),
+            )
+            for row in rows
+        ]
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.executescript(SCHEMA)
+    return conn
+
+
+def _get(conn: sqlite3.Connection, tenant_id: str, job_id: str) -> Job:
+    row = conn.execute(
+        f"SELECT {_COLUMNS} FROM jobs WHERE tenant_id = ? AND id = ?",  # noqa: S608
+        (tenant_id, job_id),
+    ).fetchone()
+    if row is None:
+        raise JobNotFoundError(tenant_id, job_id)
+    return _row_to_job(row)
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
+    if conn.in_transaction:
+        yield
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
