@@ -1,23 +1,14 @@
-"""JobStore on a SQLite file (WAL): the embedded default backend.
-
-Every operation runs as one synchronous unit on the store's own thread, so a
-transition and its counter updates share one transaction and the event loop
-never blocks on disk. Writes take the write lock up front (BEGIN IMMEDIATE)
-so several processes on one file queue up instead of failing to upgrade.
-"""
+"""JobStore on a SQLite file (WAL): the embedded default backend."""
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import json
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
 from jobs.errors import (
     JobNotFoundError,
@@ -35,6 +26,7 @@ from jobs.model import (
     utcnow,
     validate_tenant_id,
 )
+from jobs.sqlite_db import SQLiteDatabase, transaction
 from jobs.store import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
@@ -47,7 +39,6 @@ from jobs.store import (
     encode_continuation,
 )
 
-T = TypeVar("T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -83,7 +74,6 @@ _COLUMNS = (
     "created_at, updated_at, completed_at, trace_id, metadata"
 )
 _STATS_PAGE_ROWS = 1000
-BUSY_TIMEOUT_MS = 10_000
 
 
 def _row_to_job(row: sqlite3.Row) -> Job:
@@ -114,22 +104,17 @@ def _bump(conn: sqlite3.Connection, tenant_id: str, status: str, delta: int) -> 
 class SQLiteJobStore:
     """JobStore backed by one SQLite file; safe for several processes sharing it."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-jobs")
-        self._conn: sqlite3.Connection | None = None
+    def __init__(self, db: SQLiteDatabase) -> None:
+        self._db = db
+        self._run = db.run
 
     @classmethod
     async def open(cls, path: str | Path) -> Self:
         """Open (creating if needed) the store at path."""
-        store = cls(path)
-        loop = asyncio.get_running_loop()
         try:
-            store._conn = await loop.run_in_executor(store._executor, _connect, store.path)
-        except (sqlite3.OperationalError, OSError) as exc:
-            store._executor.shutdown(wait=False)
-            raise StoreUnavailableError(f"cannot open job store at {store.path}: {exc}") from exc
-        return store
+            return cls(await SQLiteDatabase.open(path, SCHEMA))
+        except StoreUnavailableError as exc:
+            raise StoreUnavailableError(f"cannot open job store: {exc}") from exc
 
     async def __aenter__(self) -> Self:
         return self
@@ -137,25 +122,9 @@ class SQLiteJobStore:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        def call() -> T:
-            try:
-                if self._conn is None:
-                    raise StoreUnavailableError("store is closed")
-                return fn(self._conn, *args)
-            except sqlite3.OperationalError as exc:
-                raise StoreUnavailableError(f"sqlite: {exc}") from exc
-
-        if self._conn is None:
-            raise StoreUnavailableError("store is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
-
     async def close(self) -> None:
         """Close the connection and stop the store's thread."""
-        if self._conn is not None:
-            await self._run(lambda conn: conn.close())
-            self._conn = None
-        self._executor.shutdown(wait=True)
+        await self._db.close()
 
     async def ping(self) -> None:
         """Raise StoreUnavailableError unless a trivial query succeeds."""
@@ -169,7 +138,7 @@ class SQLiteJobStore:
 
     @staticmethod
     def _create(conn: sqlite3.Connection, job: Job) -> Job:
-        with _transaction(conn):
+        with transaction(conn):
             cursor = conn.execute(
                 f"INSERT INTO jobs ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "  # noqa: S608
                 "ON CONFLICT (tenant_id, id) DO NOTHING",
@@ -233,7 +202,7 @@ class SQLiteJobStore:
         params += [tenant_id, job_id, from_status.value]
 
         def apply(conn: sqlite3.Connection) -> Job:
-            with _transaction(conn):
+            with transaction(conn):
                 if conn.execute(sql, params).rowcount == 0:
                     current = _get(conn, tenant_id, job_id)
                     raise TransitionConflictError(job_id, from_status.value, current.status.value)
@@ -256,7 +225,7 @@ class SQLiteJobStore:
             params.append(tenant_id)
 
         def apply(conn: sqlite3.Connection) -> int:
-            with _transaction(conn):
+            with transaction(conn):
                 groups = conn.execute(
                     f"SELECT tenant_id, status, COUNT(*) AS n FROM jobs WHERE {where} "  # noqa: S608
                     "GROUP BY tenant_id, status",
@@ -275,7 +244,7 @@ class SQLiteJobStore:
             validate_tenant_id(tenant_id)
 
         def apply(conn: sqlite3.Connection) -> dict[str, dict[JobStatus, int]]:
-            with _transaction(conn):
+            with transaction(conn):
                 if tenant_id is None:
                     conn.execute("DELETE FROM job_counters")
                     rows = conn.execute(
@@ -405,17 +374,6 @@ class SQLiteJobStore:
         ]
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.row_factory = sqlite3.Row
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = NORMAL")
-    conn.executescript(SCHEMA)
-    return conn
-
-
 def _get(conn: sqlite3.Connection, tenant_id: str, job_id: str) -> Job:
     row = conn.execute(
         f"SELECT {_COLUMNS} FROM jobs WHERE tenant_id = ? AND id = ?",  # noqa: S608
@@ -425,17 +383,3 @@ def _get(conn: sqlite3.Connection, tenant_id: str, job_id: str) -> Job:
         raise JobNotFoundError(tenant_id, job_id)
     return _row_to_job(row)
 
-
-@contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
-    if conn.in_transaction:
-        yield
-        return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")

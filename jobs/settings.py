@@ -1,0 +1,170 @@
+"""One settings object for every command, read from flags and EMBEDDING_JOBS_* variables.
+
+Each field documents itself once: its help text feeds `--help`, its name gives
+both the flag (`--max-attempts`) and the variable (`EMBEDDING_JOBS_MAX_ATTEMPTS`).
+A flag beats a variable, a variable beats the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Self
+
+ENV_PREFIX = "EMBEDDING_JOBS_"
+
+
+def _opt(default: Any, help: str, section: str, *, secret: bool = False, choices: Sequence[str] = ()) -> Any:
+    return field(
+        default=default,
+        repr=not secret,
+        metadata={"help": help, "section": section, "secret": secret, "choices": tuple(choices)},
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Configuration of the store, queue, embedder, worker and exporter."""
+
+    # store
+    store: str = _opt("sqlite", "job and shard store backend", "store", choices=("sqlite", "cosmos"))
+    data_dir: Path = _opt(Path("var"), "folder for the local SQLite files", "store")
+    cosmos_endpoint: str = _opt("", "Cosmos DB endpoint (https://ACCOUNT.documents.azure.com)", "store")
+    cosmos_key: str = _opt(
+        "", "Cosmos DB key; when empty, Microsoft Entra ID (DefaultAzureCredential)", "store", secret=True
+    )
+    cosmos_database: str = _opt("embedding-jobs", "Cosmos DB database", "store")
+    cosmos_container: str = _opt("embedding-jobs", "Cosmos DB container of job records", "store")
+    cosmos_shards_container: str = _opt("shards", "Cosmos DB container of shards", "store")
+    retention_hours: float = _opt(0.0, "delete finished jobs older than this (0 keeps them)", "store")
+
+    # queue
+    queue: str = _opt("local", "queue backend", "queue", choices=("local", "servicebus"))
+    queue_name: str = _opt("embedding-jobs", "queue name", "queue")
+    servicebus_connection_string: str = _opt("", "Service Bus connection string", "queue", secret=True)
+    servicebus_namespace: str = _opt(
+        "", "Service Bus namespace (NAME.servicebus.windows.net) for Entra ID auth", "queue"
+    )
+    lock_duration: float = _opt(30.0, "message lock duration in seconds (local queue)", "queue")
+    max_delivery_count: int = _opt(10, "deliveries before the queue dead-letters a message", "queue")
+
+    # embedder
+    embedder: str = _opt(
+        "hashing", "embedding backend", "embedder", choices=("hashing", "openai", "sentence-transformers")
+    )
+    embedding_dimensions: int = _opt(256, "vector size (hashing; optional for openai)", "embedder")
+    openai_endpoint: str = _opt("", "OpenAI-compatible or Azure OpenAI endpoint", "embedder")
+    openai_api_key: str = _opt("", "API key for the embeddings endpoint", "embedder", secret=True)
+    openai_model: str = _opt("text-embedding-3-small", "model, or Azure deployment name", "embedder")
+    openai_api_version: str = _opt("", "Azure OpenAI api-version (set for Azure endpoints)", "embedder")
+    openai_batch_size: int = _opt(16, "chunks per embeddings request", "embedder")
+    openai_timeout: float = _opt(30.0, "embeddings request timeout in seconds", "embedder")
+    chunk_max_tokens: int = _opt(512, "token budget per chunk (estimated conservatively)", "embedder")
+    chunk_overlap_tokens: int = _opt(0, "tokens repeated between consecutive chunks", "embedder")
+
+    # worker
+    concurrency: int = _opt(4, "jobs processed at once", "worker")
+    max_attempts: int = _opt(4, "attempts before a job is dead-lettered", "worker")
+    backoff_base: float = _opt(2.0, "first retry delay (s); doubles per attempt, with jitter", "worker")
+    backoff_max: float = _opt(300.0, "longest retry delay in seconds", "worker")
+    drain_timeout: float = _opt(
+        25.0,
+        "seconds in-flight jobs get to finish on SIGTERM; keep below terminationGracePeriodSeconds",
+        "worker",
+    )
+    tracking_buffer: int = _opt(10_000, "job-store writes held while the store is down", "worker")
+    otlp_endpoint: str = _opt(
+        "", "send spans over OTLP/HTTP to this base URL (else OTEL_EXPORTER_OTLP_ENDPOINT)", "worker"
+    )
+    log_level: str = _opt("INFO", "log level", "worker", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    log_format: str = _opt("text", "log format", "worker", choices=("text", "json"))
+
+    @property
+    def sqlite_path(self) -> Path:
+        """The local store's SQLite file (jobs, shards and the local queue share it)."""
+        return self.data_dir / "embedding-jobs.db"
+
+    def redacted(self) -> dict[str, Any]:
+        """All values with secrets masked, for logs and `config` output."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = ("***" if value else "") if f.metadata["secret"] else value
+        return out
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser, sections: Sequence[str]) -> None:
+        """Add a flag for every field in the given sections, defaults shown from the environment."""
+        groups = {name: parser.add_argument_group(f"{name} settings") for name in sections}
+        for f in fields(cls):
+            section = f.metadata["section"]
+            if section not in groups:
+                continue
+            env = ENV_PREFIX + f.name.upper()
+            shown = "(set)" if f.metadata["secret"] else f"default: {f.default}"
+            kwargs: dict[str, Any] = {
+                "dest": f.name,
+                "default": argparse.SUPPRESS,
+                "help": f"{f.metadata['help']} [{env}; {shown}]",
+            }
+            if f.metadata["choices"]:
+                kwargs["choices"] = f.metadata["choices"]
+            groups[section].add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+    @classmethod
+    def load(cls, args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> Self:
+        """Defaults, overridden by EMBEDDING_JOBS_* variables, overridden by parsed flags."""
+        environ = os.environ if environ is None else environ
+        given = vars(args) if args is not None else {}
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = given.get(f.name, environ.get(ENV_PREFIX + f.name.upper()))
+            if raw is None:
+                continue
+            values[f.name] = _convert(f.name, f.default, raw)
+            choices = f.metadata["choices"]
+            if choices and values[f.name] not in choices:
+                raise ValueError(f"{f.name} must be one of {', '.join(choices)}; got {raw!r}")
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Raise ValueError naming the setting when a value is out of range."""
+        positive = ("concurrency", "max_attempts", "chunk_max_tokens", "openai_batch_size", "tracking_buffer")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        for name in ("lock_duration", "backoff_base", "backoff_max", "openai_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.chunk_overlap_tokens >= self.chunk_max_tokens or self.chunk_overlap_tokens < 0:
+            raise ValueError("chunk_overlap_tokens must be between 0 and chunk_max_tokens - 1")
+        if self.drain_timeout < 0 or self.retention_hours < 0:
+            raise ValueError("drain_timeout and retention_hours must not be negative")
+
+    def with_changes(self, **changes: Any) -> Self:
+        """A copy with some values replaced (validated)."""
+        updated = replace(self, **changes)
+        updated.validate()
+        return updated
+
+
+def _convert(name: str, default: Any, raw: Any) -> Any:
+    if default is MISSING or (isinstance(raw, type(default)) and not isinstance(raw, str)):
+        return raw
+    try:
+        if isinstance(default, bool):
+            return str(raw).lower() in {"1", "true", "yes", "on"}
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        if isinstance(default, Path):
+            return Path(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {raw!r} is not a valid {type(default).__name__}") from exc
+    return str(raw)

@@ -1,0 +1,90 @@
+"""A SQLite connection driven from asyncio: one thread, one connection, whole units of work.
+
+Each unit of work is a plain function run on the connection's own thread, so a
+transaction never interleaves with another coroutine's statements and the event
+loop never blocks on disk. Writes take the write lock up front (BEGIN IMMEDIATE)
+so several processes sharing a file queue up instead of failing to upgrade.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Self, TypeVar
+
+from jobs.errors import StoreUnavailableError
+
+T = TypeVar("T")
+BUSY_TIMEOUT_MS = 10_000
+
+
+class SQLiteDatabase:
+    """One WAL-mode SQLite connection with its own thread."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = conn
+        self._executor = executor
+
+    @classmethod
+    async def open(cls, path: str | Path, schema: str) -> Self:
+        """Open (creating if needed) the file at path and apply schema (idempotent DDL)."""
+        path = Path(path)
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite-{path.stem}")
+        try:
+            conn = await asyncio.get_running_loop().run_in_executor(executor, _connect, path, schema)
+        except (sqlite3.Error, OSError) as exc:
+            executor.shutdown(wait=False)
+            raise StoreUnavailableError(f"cannot open {path}: {exc}") from exc
+        return cls(path, conn, executor)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(connection, *args) on its thread; sqlite errors become StoreUnavailableError."""
+        conn = self._conn
+        if conn is None:
+            raise StoreUnavailableError(f"{self.path} is closed")
+
+        def call() -> T:
+            try:
+                return fn(conn, *args)
+            except sqlite3.OperationalError as exc:
+                raise StoreUnavailableError(f"sqlite: {exc}") from exc
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def close(self) -> None:
+        """Close the connection and stop its thread."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
+            self._executor.shutdown(wait=True)
+
+
+def _connect(path: Path, schema: str) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.executescript(schema)
+    return conn
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception; nested use joins the outer one."""
+    if conn.in_transaction:
+        yield
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
