@@ -39,7 +39,6 @@ from jobs.store import (
     encode_continuation,
 )
 
-
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     tenant_id     TEXT NOT NULL,
