@@ -52,9 +52,7 @@ def validate_tenant_id(tenant_id: object) -> str:
     if not isinstance(tenant_id, str) or not tenant_id:
         raise InvalidTenantError("tenant id must be a non-empty string")
     if len(tenant_id) > TENANT_ID_MAX_LENGTH:
-        raise InvalidTenantError(
-            f"tenant id is {len(tenant_id)} characters; at most {TENANT_ID_MAX_LENGTH} allowed"
-        )
+        raise InvalidTenantError(f"tenant id is {len(tenant_id)} characters; at most {TENANT_ID_MAX_LENGTH} allowed")
     if not _SAFE_ID.match(tenant_id):
         raise InvalidTenantError(
             f"tenant id {tenant_id[:TENANT_ID_MAX_LENGTH]!r} may contain only letters, digits, "
@@ -68,10 +66,7 @@ def validate_id(value: object, what: str) -> str:
     if not isinstance(value, str) or not value:
         raise InvalidJobError(f"{what} must be a non-empty string")
     if len(value) > ID_MAX_LENGTH or not _SAFE_ID.match(value):
-        raise InvalidJobError(
-            f"{what} must be at most {ID_MAX_LENGTH} characters of letters, digits, "
-            "'.', '_' and '-'"
-        )
+        raise InvalidJobError(f"{what} must be at most {ID_MAX_LENGTH} characters of letters, digits, '.', '_' and '-'")
     return value
 
 

@@ -317,9 +317,7 @@ class SQLiteJobStore:
 
         def read(conn: sqlite3.Connection) -> dict[JobStatus, int]:
             out = empty_stats()
-            rows = conn.execute(
-                "SELECT status, count FROM job_counters WHERE tenant_id = ?", (tenant_id,)
-            ).fetchall()
+            rows = conn.execute("SELECT status, count FROM job_counters WHERE tenant_id = ?", (tenant_id,)).fetchall()
             for row in rows:
                 out[JobStatus(row["status"])] = row["count"]
             return out
@@ -381,4 +379,3 @@ def _get(conn: sqlite3.Connection, tenant_id: str, job_id: str) -> Job:
     if row is None:
         raise JobNotFoundError(tenant_id, job_id)
     return _row_to_job(row)
-

@@ -1,0 +1,101 @@
+"""Builds the store, shard store, queue and embedder that the settings name."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+from jobs.settings import Settings
+from jobs.sqlite_store import SQLiteJobStore
+from jobs.store import JobStore
+from worker.consumer import ConsumerConfig
+from worker.embedders import Embedder, create_embedder
+from worker.local_queue import LocalQueue
+from worker.queue import Queue
+from worker.shards import ShardStore, SQLiteShardStore
+
+
+class BackendUnavailableError(RuntimeError):
+    """The configured backend cannot be used in this installation."""
+
+
+@dataclass(frozen=True, slots=True)
+class Backends:
+    """Open connections to everything a command needs."""
+
+    store: JobStore
+    shards: ShardStore
+    queue: Queue
+
+
+async def open_job_store(settings: Settings) -> JobStore:
+    """The job store of settings.store."""
+    if settings.store == "sqlite":
+        return await SQLiteJobStore.open(settings.sqlite_path)
+    raise BackendUnavailableError(f"store backend {settings.store!r} is not available in this installation")
+
+
+async def open_shard_store(settings: Settings) -> ShardStore:
+    """The shard store that goes with settings.store."""
+    if settings.store == "sqlite":
+        return await SQLiteShardStore.open(settings.sqlite_path)
+    raise BackendUnavailableError(f"shard store for {settings.store!r} is not available in this installation")
+
+
+async def open_queue(settings: Settings) -> Queue:
+    """The queue of settings.queue."""
+    if settings.queue == "local":
+        return await LocalQueue(
+            settings.sqlite_path,
+            settings.queue_name,
+            lock_duration=settings.lock_duration,
+            max_delivery_count=settings.max_delivery_count,
+        ).open()
+    raise BackendUnavailableError(f"queue backend {settings.queue!r} is not available in this installation")
+
+
+def build_embedder(settings: Settings) -> Embedder:
+    """The embedder of settings.embedder."""
+    if settings.embedder == "hashing":
+        return create_embedder("hashing", dimensions=settings.embedding_dimensions)
+    if settings.embedder == "openai":
+        if not settings.openai_endpoint:
+            raise ValueError("the openai embedder needs --openai-endpoint (EMBEDDING_JOBS_OPENAI_ENDPOINT)")
+        return create_embedder(
+            "openai",
+            base_url=settings.openai_endpoint,
+            api_key=settings.openai_api_key or None,
+            model=settings.openai_model,
+            api_version=settings.openai_api_version or None,
+            batch_size=settings.openai_batch_size,
+            timeout=settings.openai_timeout,
+        )
+    return create_embedder("sentence-transformers")
+
+
+def consumer_config(settings: Settings) -> ConsumerConfig:
+    """The consume loop's part of the settings."""
+    return ConsumerConfig(
+        concurrency=settings.concurrency,
+        max_attempts=settings.max_attempts,
+        backoff_base=settings.backoff_base,
+        backoff_max=settings.backoff_max,
+        chunk_max_tokens=settings.chunk_max_tokens,
+        chunk_overlap_tokens=settings.chunk_overlap_tokens,
+        drain_timeout=settings.drain_timeout,
+        messaging_system="servicebus" if settings.queue == "servicebus" else "sqlite",
+    )
+
+
+@asynccontextmanager
+async def open_backends(settings: Settings) -> AsyncIterator[Backends]:
+    """Open store, shard store and queue; close them all on exit."""
+    async with AsyncExitStack() as stack:
+        store = await open_job_store(settings)
+        stack.push_async_callback(store.close)
+        shards = await open_shard_store(settings)
+        stack.push_async_callback(shards.close)
+        queue = await open_queue(settings)
+        stack.push_async_callback(queue.close)
+        yield Backends(store=store, shards=shards, queue=queue)

@@ -1,0 +1,280 @@
+"""The `embedding-jobs` command: ingest, worker, up, jobs, recount, purge."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import timedelta
+from importlib import resources
+from typing import Any, TextIO
+
+from embedding_jobs.backends import (
+    Backends,
+    BackendUnavailableError,
+    build_embedder,
+    consumer_config,
+    open_backends,
+    open_job_store,
+)
+from jobs.errors import JobError
+from jobs.logs import configure_logging
+from jobs.model import JobStatus
+from jobs.settings import Settings
+from jobs.store import JobStore
+from jobs.telemetry import Outcome
+from worker.consumer import Consumer
+from worker.producer import Producer, ingest_shard
+from worker.sources import Rejected, read_shards
+from worker.tracing import create_tracer_provider, get_tracer
+from worker.tracker import JobTracker
+
+log = logging.getLogger("embedding_jobs")
+SAMPLE = "sample/shards.jsonl"
+ALL_SECTIONS = ("store", "queue", "embedder", "worker")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.load(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    quiet_up = args.command is cmd_up and "log_level" not in vars(args) and "EMBEDDING_JOBS_LOG_LEVEL" not in os.environ
+    # `up` shows a progress line; per-job logs would bury it unless asked for.
+    configure_logging("WARNING" if quiet_up else settings.log_level, settings.log_format)
+    command: Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]] = args.command
+    try:
+        return asyncio.run(command(settings, args))
+    except (BackendUnavailableError, JobError, FileNotFoundError, ValueError) as exc:
+        print(f"embedding-jobs: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand and its settings flags."""
+    parser = argparse.ArgumentParser(
+        prog="embedding-jobs",
+        description="Embedding-generation jobs with per-tenant status tracking and observability. "
+        "Every setting can also come from an EMBEDDING_JOBS_* environment variable.",
+    )
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Callable[..., Any], help: str, sections: Sequence[str]) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(command=fn)
+        Settings.add_arguments(sub, sections)
+        return sub
+
+    ingest = add("ingest", cmd_ingest, "save shards and enqueue a job for each new or changed one", ALL_SECTIONS)
+    ingest.add_argument("source", help="a .jsonl file, '-' for JSON Lines on stdin, or a folder of text files")
+    ingest.add_argument("--tenant", default="default", help="tenant of files at a folder's top level")
+
+    worker = add("worker", cmd_worker, "consume the queue and embed shards until stopped", ALL_SECTIONS)
+    worker.add_argument("--exit-when-idle", action="store_true", help="stop once the queue is empty")
+
+    up = add("up", cmd_up, "run everything locally: ingest the sample corpus, then work the queue", ALL_SECTIONS)
+    up.add_argument("--ingest", metavar="SOURCE", help="ingest this instead of the bundled sample corpus")
+    up.add_argument("--no-sample", action="store_true", help="ingest nothing; only work the queue")
+    up.add_argument("--exit-when-idle", action="store_true", help="stop once every job has finished")
+
+    jobs = add("jobs", cmd_jobs, "look at jobs: `jobs stats [--tenant T]` or `jobs list --tenant T`", ["store"])
+    jobs.add_argument("action", choices=("list", "stats"))
+    jobs.add_argument("--tenant", help="tenant id (required for list)")
+    jobs.add_argument("--status", choices=[s.value for s in JobStatus], help="only jobs in this status")
+    jobs.add_argument("--limit", type=int, default=20, help="jobs to show (default 20)")
+
+    add("recount", cmd_recount, "rebuild per-tenant counters from the job records", ["store"])
+    purge = add("purge", cmd_purge, "delete finished jobs older than the retention", ["store"])
+    purge.add_argument("--older-than-hours", type=float, help="defaults to --retention-hours")
+    return parser
+
+
+async def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
+    """Save shards from a source and enqueue their jobs."""
+    async with open_backends(settings) as backends:
+        rejected = await _ingest(backends, args.source, args.tenant)
+    return 1 if rejected else 0
+
+
+async def _ingest(backends: Backends, source: str, tenant: str, out: TextIO = sys.stderr) -> int:
+    producer = Producer(backends.store, backends.queue, get_tracer(create_tracer_provider("embedding-jobs-ingest")))
+    progress = Progress("ingest", out)
+    shards = enqueued = rejected = 0
+    for item in read_shards(source, tenant):
+        if isinstance(item, Rejected):
+            rejected += 1
+            print(f"\nrejected {item.where}: {item.reason}", file=out)
+            continue
+        shards += 1
+        enqueued += await ingest_shard(backends.shards, producer, item)
+        progress.show(f"{shards} shards read, {enqueued} jobs enqueued")
+    progress.done(f"{shards} shards read, {enqueued} jobs enqueued, {shards - enqueued} unchanged, {rejected} rejected")
+    return rejected
+
+
+async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    """Run the consume loop until SIGTERM/SIGINT (or until idle)."""
+    async with open_backends(settings) as backends:
+        await _work(settings, backends, exit_when_idle=args.exit_when_idle, out=sys.stderr)
+    return 0
+
+
+async def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
+    """Local all-in-one: ingest, work the queue, show a per-tenant summary."""
+    async with open_backends(settings) as backends:
+        if args.ingest:
+            await _ingest(backends, args.ingest, "default")
+        elif not args.no_sample:
+            with resources.as_file(resources.files("embedding_jobs") / SAMPLE) as sample:
+                await _ingest(backends, str(sample), "default")
+        await _work(settings, backends, exit_when_idle=args.exit_when_idle, out=sys.stderr)
+        await print_summary(backends.store, sys.stdout)
+    return 0
+
+
+async def _work(settings: Settings, backends: Backends, *, exit_when_idle: bool, out: TextIO) -> None:
+    provider = create_tracer_provider("embedding-jobs-worker", settings.otlp_endpoint)
+    embedder = build_embedder(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tracker = JobTracker(backends.store, buffer_size=settings.tracking_buffer)
+    consumer = Consumer(
+        queue=backends.queue,
+        tracker=tracker,
+        shards=backends.shards,
+        embedder=embedder,
+        tracer=get_tracer(provider),
+        config=consumer_config(settings),
+    )
+    try:
+        async with tracker.running():
+            run = asyncio.create_task(consumer.run(stop))
+            await _watch(consumer, backends, stop, exit_when_idle, out)
+            await run
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await embedder.close()
+        provider.shutdown()
+
+
+async def _watch(
+    consumer: Consumer, backends: Backends, stop: asyncio.Event, exit_when_idle: bool, out: TextIO
+) -> None:
+    progress = Progress("work", out)
+    announced_idle = False
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=0.5)
+        depth = await backends.queue.depth()
+        done = consumer.processed
+        progress.show(
+            f"completed {done[Outcome.COMPLETED]}, retried {done[Outcome.FAILED]}, "
+            f"dead-lettered {done[Outcome.DEAD_LETTERED]}, "
+            f"in flight {consumer.in_flight}, queued {depth.active}, scheduled {depth.scheduled}"
+        )
+        idle = depth.active == 0 and depth.scheduled == 0 and consumer.in_flight == 0
+        if idle and not announced_idle:
+            progress.done("queue drained" + ("" if exit_when_idle else "; waiting for more work (Ctrl-C to stop)"))
+            announced_idle = True
+            if exit_when_idle:
+                stop.set()
+        elif not idle:
+            announced_idle = False
+
+
+async def print_summary(store: JobStore, out: TextIO) -> None:
+    """A per-tenant table of job counts."""
+    stats = await store.stats_all()
+    columns = [s.value for s in JobStatus]
+    print(f"\n{'tenant':<20}" + "".join(f"{c:>15}" for c in columns), file=out)
+    for tenant in sorted(stats):
+        print(f"{tenant:<20}" + "".join(f"{stats[tenant][JobStatus(c)]:>15}" for c in columns), file=out)
+
+
+async def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
+    """Print job stats or a page of jobs."""
+    store = await open_job_store(settings)
+    try:
+        if args.action == "stats":
+            if args.tenant:
+                print(json.dumps({args.tenant: {k.value: v for k, v in (await store.stats(args.tenant)).items()}}))
+            else:
+                await print_summary(store, sys.stdout)
+            return 0
+        if not args.tenant:
+            raise ValueError("jobs list needs --tenant")
+        status = JobStatus(args.status) if args.status else None
+        page = await store.list(args.tenant, status=status, limit=args.limit)
+        for job in page.items:
+            print(json.dumps(job.to_json()))
+        return 0
+    finally:
+        await store.close()
+
+
+async def cmd_recount(settings: Settings, args: argparse.Namespace) -> int:
+    """Rebuild counters and print them."""
+    store = await open_job_store(settings)
+    try:
+        counts = await store.recount()
+        print(json.dumps({t: {k.value: v for k, v in s.items()} for t, s in counts.items()}))
+        return 0
+    finally:
+        await store.close()
+
+
+async def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
+    """Delete finished jobs past the retention."""
+    hours = args.older_than_hours if args.older_than_hours is not None else settings.retention_hours
+    if hours <= 0:
+        raise ValueError("set --older-than-hours or --retention-hours to a positive number")
+    store = await open_job_store(settings)
+    try:
+        print(f"purged {await store.purge(timedelta(hours=hours))} finished job(s)")
+        return 0
+    finally:
+        await store.close()
+
+
+class Progress:
+    """One status line, rewritten in place on a terminal and printed sparingly elsewhere."""
+
+    def __init__(self, label: str, out: TextIO) -> None:
+        self.label = label
+        self.out = out
+        self.tty = out.isatty()
+        self._last = ""
+        self._count = 0
+
+    def show(self, text: str) -> None:
+        if text == self._last:
+            return
+        self._last = text
+        self._count += 1
+        if self.tty:
+            print(f"\r\033[K[{self.label}] {text}", end="", file=self.out, flush=True)
+        elif self._count % 10 == 1:
+            print(f"[{self.label}] {text}", file=self.out, flush=True)
+
+    def done(self, text: str) -> None:
+        prefix = "\r\033[K" if self.tty else ""
+        print(f"{prefix}[{self.label}] {text}", file=self.out, flush=True)
+        self._last = ""
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""Tracer setup and the trace context carried in message application properties."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, MutableMapping, Sequence
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from jobs.telemetry import INSTRUMENTATION_NAME
+
+# Metrics are derived from `embedding.job` spans, so none may be sampled away and the
+# export queue is sized for bursts: at 200 jobs/s with a 5 s export interval it holds
+# ~10 s of spans (each job makes about six).
+SPAN_QUEUE_SIZE = 16_384
+SPAN_BATCH_SIZE = 1_024
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+def otlp_traces_url(endpoint: str) -> str | None:
+    """The OTLP/HTTP traces URL from a base endpoint or the standard OTEL_* variables."""
+    explicit = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    if not endpoint and explicit:
+        return explicit
+    base = endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
+    if not base:
+        return None
+    return base.rstrip("/") + "/v1/traces"
+
+
+def create_tracer_provider(
+    service_name: str, otlp_endpoint: str = "", processors: Sequence[SpanProcessor] = ()
+) -> TracerProvider:
+    """A provider that records every span, exporting over OTLP/HTTP when an endpoint is set."""
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}), sampler=ALWAYS_ON)
+    url = otlp_traces_url(otlp_endpoint)
+    if url:
+        provider.add_span_processor(
+            BatchSpanProcessor(
+                OTLPSpanExporter(endpoint=url),
+                max_queue_size=SPAN_QUEUE_SIZE,
+                max_export_batch_size=SPAN_BATCH_SIZE,
+                schedule_delay_millis=1000,
+            )
+        )
+    for processor in processors:
+        provider.add_span_processor(processor)
+    return provider
+
+
+def get_tracer(provider: trace.TracerProvider | None = None) -> trace.Tracer:
+    """The project's tracer from provider (or the global one)."""
+    return trace.get_tracer(INSTRUMENTATION_NAME, tracer_provider=provider)
+
+
+def inject_context(carrier: MutableMapping[str, str]) -> None:
+    """Write the current span's traceparent/tracestate into carrier."""
+    _PROPAGATOR.inject(carrier)
+
+
+def extract_context(carrier: Mapping[str, str]) -> Context:
+    """The remote parent context found in carrier (empty context if none)."""
+    return _PROPAGATOR.extract(carrier)
