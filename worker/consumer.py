@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 REASON_MALFORMED = "MalformedMessage"
 REASON_PERMANENT = "PermanentFailure"
 REASON_MAX_ATTEMPTS = "MaxAttemptsExceeded"
-RECEIVE_WAIT = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +45,8 @@ class ConsumerConfig:
     chunk_overlap_tokens: int = 0
     drain_timeout: float = 25.0
     messaging_system: str = "sqlite"
+    # How long one receive call waits for a message; also bounds how long a stop request waits.
+    receive_wait: float = 1.0
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
@@ -92,7 +93,7 @@ class Consumer:
                 if not await _first(slots.acquire(), stop):
                     break
                 try:
-                    messages = await self.queue.receive(max_messages=1, max_wait=RECEIVE_WAIT)
+                    messages = await self.queue.receive(max_messages=1, max_wait=self.config.receive_wait)
                 except QueueError as exc:
                     slots.release()
                     log.warning("receive failed: %s", exc)

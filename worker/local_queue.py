@@ -7,14 +7,14 @@ import json
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Self, TypeVar
 
+from jobs.errors import StoreUnavailableError
+from jobs.sqlite_db import SQLiteDatabase, transaction
 from worker.queue import (
     DeadLetteredMessage,
     MessageLockLostError,
@@ -66,19 +66,6 @@ def _utc(timestamp: float) -> datetime:
     return datetime.fromtimestamp(timestamp, UTC)
 
 
-@contextmanager
-def _immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    # BEGIN IMMEDIATE takes the write lock up front, so what a transaction reads cannot be
-    # changed by another connection or process before it writes.
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
-
 class LocalQueue:
     """A peek-lock queue in a SQLite file, shareable by queues, processes and the job store.
 
@@ -92,7 +79,6 @@ class LocalQueue:
         *,
         lock_duration: float = 30.0,
         max_delivery_count: int = 10,
-        busy_timeout: float = 10.0,
     ) -> None:
         if not name:
             raise ValueError("queue name must be a non-empty string")
@@ -104,49 +90,22 @@ class LocalQueue:
         self.name = name
         self.lock_duration = lock_duration
         self.max_delivery_count = max_delivery_count
-        self.busy_timeout = busy_timeout
-        self._executor: ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None
+        self._db: SQLiteDatabase | None = None
 
     async def open(self) -> Self:
-        """Connect, switch the file to WAL and create the queue tables if missing."""
-        if self._conn is not None:
-            return self
-        # sqlite3 connections belong to the thread that made them: one thread per queue owns it.
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"local-queue-{self.name}")
-        try:
-            self._conn = await asyncio.get_running_loop().run_in_executor(executor, self._connect)
-        except sqlite3.DatabaseError as exc:
-            executor.shutdown(wait=False)
-            raise QueueUnavailableError(f"cannot open local queue at {self.path}: {exc}") from exc
-        self._executor = executor
+        """Open (creating if needed) the file and the queue's table; the file may hold other tables."""
+        if self._db is None:
+            try:
+                self._db = await SQLiteDatabase.open(self.path, _SCHEMA)
+            except StoreUnavailableError as exc:
+                raise QueueUnavailableError(f"cannot open local queue {self.name!r}: {exc}") from exc
         return self
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
-        try:
-            conn.row_factory = sqlite3.Row
-            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL")
-            with _immediate(conn):
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
     async def close(self) -> None:
-        """Close the connection; calls already queued finish first."""
-        conn, executor = self._conn, self._executor
-        self._conn, self._executor = None, None
-        if conn is None or executor is None:
-            return
-        try:
-            await asyncio.get_running_loop().run_in_executor(executor, conn.close)
-        finally:
-            executor.shutdown(wait=False)
+        """Close the connection; calls already under way finish first."""
+        db, self._db = self._db, None
+        if db is not None:
+            await db.close()
 
     async def __aenter__(self) -> Self:
         return await self.open()
@@ -157,13 +116,12 @@ class LocalQueue:
         await self.close()
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        conn, executor = self._conn, self._executor
-        if conn is None or executor is None:
-            raise RuntimeError(f"local queue {self.name!r} is not open; call open() or use async with")
+        if self._db is None:
+            raise QueueUnavailableError(f"local queue {self.name!r} is not open; call open() or use async with")
         try:
-            return await asyncio.get_running_loop().run_in_executor(executor, work, conn)
-        except sqlite3.DatabaseError as exc:
-            raise QueueUnavailableError(f"local queue {self.name!r} at {self.path}: {exc}") from exc
+            return await self._db.run(work)
+        except StoreUnavailableError as exc:
+            raise QueueUnavailableError(f"local queue {self.name!r}: {exc}") from exc
 
     async def send(
         self,
@@ -184,7 +142,7 @@ class LocalQueue:
             # As in Service Bus, a scheduled message counts as enqueued when it becomes active,
             # so queue-wait measured from enqueued_time excludes the backoff it was scheduled for.
             visible_at = now if scheduled is None else max(now, scheduled)
-            with _immediate(conn):
+            with transaction(conn):
                 cursor = conn.execute(
                     "INSERT INTO queue_messages (queue, message_id, body, application_properties,"
                     " enqueued_time, visible_at) VALUES (?, ?, ?, ?, ?, ?)",
@@ -202,6 +160,8 @@ class LocalQueue:
         deadline = time.monotonic() + max(max_wait, 0.0)
         backoff = 0.01
         while True:
+            # Cancelled mid-call, the locks taken still stand and lapse after lock_duration,
+            # the same outcome as a Service Bus receiver that dies holding messages.
             received = await self._run(lambda conn: self._lock_visible(conn, max_messages))
             remaining = deadline - time.monotonic()
             if received or remaining <= 0:
@@ -211,7 +171,7 @@ class LocalQueue:
 
     def _lock_visible(self, conn: sqlite3.Connection, max_messages: int) -> list[ReceivedMessage]:
         received: list[ReceivedMessage] = []
-        with _immediate(conn):
+        with transaction(conn):
             now = time.time()
             locked_until = now + self.lock_duration
             while len(received) < max_messages:
@@ -262,7 +222,7 @@ class LocalQueue:
 
     async def _settle(self, message: ReceivedMessage, action: Callable[[sqlite3.Connection], T]) -> T:
         def settle(conn: sqlite3.Connection) -> T:
-            with _immediate(conn):
+            with transaction(conn):
                 held = conn.execute(
                     _HELD, (self.name, message.sequence_number, message.lock_token, time.time())
                 ).fetchone()
@@ -346,10 +306,9 @@ class LocalQueue:
 
         def purge(conn: sqlite3.Connection) -> int:
             up_to = _MAX_SEQUENCE_NUMBER if up_to_sequence_number is None else up_to_sequence_number
-            with _immediate(conn):
+            with transaction(conn):
                 cursor = conn.execute(
-                    "DELETE FROM queue_messages WHERE queue = ? AND state = 'dead_letter'"
-                    " AND sequence_number <= ?",
+                    "DELETE FROM queue_messages WHERE queue = ? AND state = 'dead_letter' AND sequence_number <= ?",
                     (self.name, up_to),
                 )
             return cursor.rowcount

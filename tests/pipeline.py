@@ -1,0 +1,203 @@
+"""A local pipeline for worker tests: real SQLite store, shard store and queue, real spans."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from jobs.errors import JobNotFoundError, StoreUnavailableError
+from jobs.model import Job, JobStatus
+from jobs.sqlite_store import SQLiteJobStore
+from jobs.store import JobStore
+from jobs.telemetry import JOB_SPAN
+from worker.consumer import Consumer, ConsumerConfig
+from worker.embedders.hashing import HashingEmbedder
+from worker.errors import PermanentError, RetryableError
+from worker.local_queue import LocalQueue
+from worker.producer import Producer, ingest_shard
+from worker.queue import Queue
+from worker.shards import Shard, SQLiteShardStore
+from worker.tracing import get_tracer
+from worker.tracker import JobTracker
+
+
+class FaultyEmbedder:
+    """The hashing embedder with faults chosen by markers in the text.
+
+    FAIL_ONCE fails the first call with a retryable error; FAIL_ALWAYS always does;
+    REJECT fails permanently; HOLD waits until `release` is set.
+    """
+
+    def __init__(self) -> None:
+        self.inner = HashingEmbedder(dimensions=32)
+        self.calls: list[str] = []
+        self.release = asyncio.Event()
+        self.holding = asyncio.Event()
+        self._failed_once: set[str] = set()
+
+    @property
+    def model(self) -> str:
+        return self.inner.model
+
+    @property
+    def max_batch_size(self) -> int:
+        return 8
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        joined = " ".join(texts)
+        self.calls.append(joined)
+        if "FAIL_ALWAYS" in joined:
+            raise RetryableError("embedder answered 503")
+        if "FAIL_ONCE" in joined and joined not in self._failed_once:
+            self._failed_once.add(joined)
+            raise RetryableError("embedder answered 429", retry_after=0.01)
+        if "REJECT" in joined:
+            raise PermanentError("embedder answered 400: input rejected")
+        if "HOLD" in joined:
+            self.holding.set()
+            await self.release.wait()
+        return await self.inner.embed(texts)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+class OutageStore:
+    """A real job store whose calls fail with StoreUnavailableError while `down` is set."""
+
+    def __init__(self, inner: JobStore) -> None:
+        self.inner = inner
+        self.down = False
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self.inner, name)
+        if not callable(attribute):
+            return attribute
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            if self.down:
+                raise StoreUnavailableError("injected outage")
+            return await attribute(*args, **kwargs)
+
+        return call
+
+
+@dataclass
+class Pipeline:
+    """Everything a worker test touches."""
+
+    store: SQLiteJobStore
+    outage: OutageStore
+    shards: SQLiteShardStore
+    queue: LocalQueue
+    tracker: JobTracker
+    consumer: Consumer
+    producer: Producer
+    embedder: FaultyEmbedder
+    spans: InMemorySpanExporter
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+    async def ingest(self, tenant: str, shard_id: str, text: str) -> Job:
+        shard = Shard(tenant_id=tenant, id=shard_id, shard_type_id="document", text=text)
+        await ingest_shard(self.shards, self.producer, shard)
+        page = await self.store.list(tenant, limit=500)
+        return next(job for job in page.items if job.shard_id == shard_id)
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.consumer.run(self.stop))
+
+    async def wait_until(self, condition: Callable[[], Awaitable[bool]], what: str, within: float = 15.0) -> None:
+        deadline = time.monotonic() + within
+        while not await condition():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out waiting for {what}")
+            await asyncio.sleep(0.02)
+
+    async def wait_for_status(self, tenant: str, job_id: str, status: JobStatus) -> Job:
+        async def reached() -> bool:
+            try:
+                return (await self.store.get(tenant, job_id)).status is status
+            except JobNotFoundError:
+                return False
+
+        await self.wait_until(reached, f"job {job_id} to be {status.value}")
+        return await self.store.get(tenant, job_id)
+
+    async def wait_idle(self) -> None:
+        async def idle() -> bool:
+            depth = await self.queue.depth()
+            return depth.active == 0 and depth.scheduled == 0 and self.consumer.in_flight == 0
+
+        await self.wait_until(idle, "the queue to drain")
+
+    def job_spans(self) -> list[ReadableSpan]:
+        return [s for s in self.spans.get_finished_spans() if s.name == JOB_SPAN]
+
+
+@asynccontextmanager
+async def pipeline(
+    tmp_path: Path,
+    *,
+    config: ConsumerConfig | None = None,
+    lock_duration: float = 5.0,
+    queue: Queue | None = None,
+) -> AsyncIterator[Pipeline]:
+    """A pipeline on a fresh SQLite file; the consumer is stopped and everything closed on exit."""
+    db = tmp_path / "pipeline.db"
+    store = await SQLiteJobStore.open(db)
+    shards = await SQLiteShardStore.open(db)
+    local = await LocalQueue(db, lock_duration=lock_duration, max_delivery_count=5).open()
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    tracer = get_tracer(provider)
+    outage = OutageStore(store)
+    tracker = JobTracker(outage, retry_initial=0.02, retry_max=0.1)
+    embedder = FaultyEmbedder()
+    used_queue: Any = queue or local
+    consumer = Consumer(
+        queue=used_queue,
+        tracker=tracker,
+        shards=shards,
+        embedder=embedder,
+        tracer=tracer,
+        config=config
+        or ConsumerConfig(concurrency=4, max_attempts=3, backoff_base=0.05, backoff_max=0.2, receive_wait=0.1),
+        rng=random.Random(1),
+    )
+    p = Pipeline(
+        store=store,
+        outage=outage,
+        shards=shards,
+        queue=local,
+        tracker=tracker,
+        consumer=consumer,
+        producer=Producer(store, used_queue, tracer),
+        embedder=embedder,
+        spans=spans,
+    )
+    try:
+        async with tracker.running():
+            try:
+                yield p
+            finally:
+                p.stop.set()
+                p.embedder.release.set()
+                if p.task is not None:
+                    await p.task
+    finally:
+        await local.close()
+        await shards.close()
+        await store.close()
+        provider.shutdown()

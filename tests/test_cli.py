@@ -1,0 +1,166 @@
+"""The command line as a user runs it: real processes on a temporary data folder."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from pytest_aiohttp.plugin import AiohttpServer
+
+from jobs.model import JobStatus
+from jobs.sqlite_store import SQLiteJobStore
+from jobs.store import empty_stats
+
+S = JobStatus
+
+
+def cli_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EMBEDDING_JOBS_", "OTEL_"))}
+    env.update({"EMBEDDING_JOBS_DATA_DIR": str(data_dir), "EMBEDDING_JOBS_LOG_LEVEL": "WARNING", **extra})
+    return env
+
+
+def run_cli(data_dir: Path, *args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "embedding_jobs", *args],
+        env=cli_env(data_dir, **env),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+
+
+async def stats(data_dir: Path) -> dict[str, dict[JobStatus, int]]:
+    async with await SQLiteJobStore.open(data_dir / "embedding-jobs.db") as store:
+        return await store.stats_all()
+
+
+async def test_up_processes_the_sample_corpus_and_prints_a_summary(tmp_path: Path) -> None:
+    first = run_cli(tmp_path, "up", "--exit-when-idle")
+    assert first.returncode == 0, first.stderr
+    assert "45 shards read, 45 jobs enqueued" in first.stderr
+    assert "queue drained" in first.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in first.stdout.strip().splitlines()[1:]}
+    assert rows == {tenant: ["0", "0", "15", "0", "0"] for tenant in ("acme", "globex", "initech")}
+    # Running again finds nothing new to embed.
+    second = run_cli(tmp_path, "up", "--exit-when-idle")
+    assert second.returncode == 0, second.stderr
+    assert "45 shards read, 0 jobs enqueued, 45 unchanged" in second.stderr
+    assert (await stats(tmp_path))["acme"] == {**empty_stats(), S.COMPLETED: 15}
+
+
+def test_ingest_reports_bad_lines_with_their_position_and_keeps_the_good_ones(tmp_path: Path) -> None:
+    lines = [
+        {"tenantId": "t1", "shardId": "a", "text": "alpha"},
+        "not json",
+        {"tenantId": "bad tenant", "shardId": "b", "text": "beta"},
+        {"tenantId": "t1", "shardId": "c"},
+        {"tenantId": "t1", "shardId": "d", "shardTypeId": "note", "text": "delta"},
+    ]
+    source = "\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines)
+    result = run_cli(tmp_path, "ingest", "-", stdin=source)
+    assert result.returncode == 1
+    assert "rejected <stdin>:2: not JSON" in result.stderr
+    assert "rejected <stdin>:3: tenant id 'bad tenant' may contain only" in result.stderr
+    assert "rejected <stdin>:4: field 'text' must be a string" in result.stderr
+    assert "2 shards read, 2 jobs enqueued, 0 unchanged, 3 rejected" in result.stderr
+    listed = run_cli(tmp_path, "jobs", "list", "--tenant", "t1")
+    assert listed.returncode == 0
+    assert sorted(json.loads(line)["shardId"] for line in listed.stdout.splitlines()) == ["a", "d"]
+
+
+def test_ingest_folder_uses_subfolders_as_tenants(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    (corpus / "tenant-x").mkdir(parents=True)
+    (corpus / "tenant-x" / "First Doc.txt").write_text("one")
+    (corpus / "loose.md").write_text("two")
+    (corpus / "ignored.bin").write_bytes(b"\x00")
+    result = run_cli(tmp_path / "data", "ingest", str(corpus), "--tenant", "fallback")
+    assert result.returncode == 0, result.stderr
+    stats_out = run_cli(tmp_path / "data", "jobs", "stats")
+    rows = {line.split()[0]: line.split()[1] for line in stats_out.stdout.strip().splitlines()[1:]}
+    assert rows == {"fallback": "1", "tenant-x": "1"}
+    listed = run_cli(tmp_path / "data", "jobs", "list", "--tenant", "tenant-x")
+    assert json.loads(listed.stdout)["shardId"] == "First-Doc"
+
+
+def test_help_shows_every_setting_with_its_variable(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, "worker", "--help")
+    assert result.returncode == 0
+    for flag, env in [("--max-attempts", "EMBEDDING_JOBS_MAX_ATTEMPTS"), ("--queue", "EMBEDDING_JOBS_QUEUE")]:
+        assert flag in result.stdout
+        assert env in result.stdout
+    assert "(set)" not in result.stdout or "OPENAI_API_KEY" in result.stdout
+
+
+def test_invalid_settings_get_a_clear_error(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, "worker", EMBEDDING_JOBS_CONCURRENCY="zero")
+    assert result.returncode == 2
+    assert "concurrency: 'zero' is not a valid int" in result.stderr
+    result = run_cli(tmp_path, "worker", "--max-attempts", "0")
+    assert result.returncode == 2
+    assert "max_attempts must be at least 1" in result.stderr
+
+
+@pytest.fixture
+async def slow_embeddings(aiohttp_server: AiohttpServer) -> AsyncIterator[str]:
+    """An OpenAI-compatible embeddings endpoint that takes 20 ms per request."""
+
+    async def embeddings(request: web.Request) -> web.Response:
+        body = await request.json()
+        await asyncio.sleep(0.02)  # the service's latency, not synchronisation
+        data = [{"index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(len(body["input"]))]
+        return web.json_response({"data": data, "model": body["model"]})
+
+    app = web.Application()
+    app.router.add_post("/embeddings", embeddings)
+    server = await aiohttp_server(app)
+    return str(server.make_url("/"))
+
+
+async def test_sigterm_mid_run_leaves_no_job_behind_after_restart(tmp_path: Path, slow_embeddings: str) -> None:
+    corpus = "\n".join(
+        json.dumps({"tenantId": "t", "shardId": f"s{n}", "text": f"document number {n}"}) for n in range(150)
+    )
+    assert run_cli(tmp_path, "ingest", "-", stdin=corpus).returncode == 0
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "embedding_jobs",
+        "worker",
+        "--embedder",
+        "openai",
+        "--openai-endpoint",
+        slow_embeddings,
+        "--concurrency",
+        "2",
+        env=cli_env(tmp_path),
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 30
+    while (await stats(tmp_path)).get("t", empty_stats())[S.COMPLETED] < 10:
+        assert time.monotonic() < deadline, "worker made no progress"
+        await asyncio.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, stderr.decode()
+    midway = (await stats(tmp_path))["t"]
+    assert midway[S.COMPLETED] < 150, "the worker finished before the signal; the test proves nothing"
+    assert midway[S.PROCESSING] == 0
+    restart = run_cli(tmp_path, "worker", "--exit-when-idle")
+    assert restart.returncode == 0, restart.stderr
+    final = (await stats(tmp_path))["t"]
+    assert final == {**empty_stats(), S.COMPLETED: 150}
+    async with await SQLiteJobStore.open(tmp_path / "embedding-jobs.db") as store:
+        assert await store.recount() == {"t": final}
