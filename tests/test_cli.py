@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -114,7 +113,7 @@ def test_invalid_settings_get_a_clear_error(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-async def slow_embeddings(aiohttp_server: AiohttpServer) -> AsyncIterator[str]:
+async def slow_embeddings(aiohttp_server: AiohttpServer) -> str:
     """An OpenAI-compatible embeddings endpoint that takes 20 ms per request."""
 
     async def embeddings(request: web.Request) -> web.Response:
