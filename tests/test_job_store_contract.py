@@ -155,7 +155,8 @@ async def test_counters_equal_a_recount_after_a_random_workload(store: JobStore)
             refused += 1
             assert claimed != current or target not in TRANSITIONS[current]
             continue
-        assert claimed == current and target in TRANSITIONS[current]
+        assert claimed == current
+        assert target in TRANSITIONS[current]
         model[(tenant, job_id)] = target
         applied += 1
     assert applied > 500

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import textwrap
@@ -39,12 +40,21 @@ WORKER = textwrap.dedent(
 )
 
 
-async def test_two_processes_claim_each_job_exactly_once(tmp_path: Path) -> None:
-    path = tmp_path / "jobs.db"
-    n = 200
+async def _seed(path: Path, n: int) -> None:
     async with await SQLiteJobStore.open(path) as store:
         for i in range(n):
             await store.create(Job.new(job_id=f"job-{i}", tenant_id="t", shard_id=f"s{i}", shard_type_id="d"))
+
+
+async def _stats(path: Path) -> dict[JobStatus, int]:
+    async with await SQLiteJobStore.open(path) as store:
+        return await store.stats("t")
+
+
+def test_two_processes_claim_each_job_exactly_once(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    n = 200
+    asyncio.run(_seed(path, n))
     procs = [
         subprocess.Popen([sys.executable, "-c", WORKER, str(path), str(n)], stdout=subprocess.PIPE, text=True)
         for _ in range(2)
@@ -52,8 +62,7 @@ async def test_two_processes_claim_each_job_exactly_once(tmp_path: Path) -> None
     outputs = [p.communicate(timeout=50)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert sum(int(out) for out in outputs) == n
-    async with await SQLiteJobStore.open(path) as store:
-        assert await store.stats("t") == {**empty_stats(), JobStatus.PROCESSING: n}
+    assert asyncio.run(_stats(path)) == {**empty_stats(), JobStatus.PROCESSING: n}
 
 
 async def test_stats_all_reads_counters_in_pages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
