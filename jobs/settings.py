@@ -82,6 +82,26 @@ class Settings:
     log_level: str = _opt("INFO", "log level", "worker", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     log_format: str = _opt("text", "log format", "worker", choices=("text", "json"))
 
+    # exporter
+    exporter_host: str = _opt("127.0.0.1", "address the exporter listens on (0.0.0.0 in a pod)", "exporter")
+    exporter_port: int = _opt(8080, "port of /metrics, the API, the status page and /v1/traces", "exporter")
+    api_tokens: str = _opt(
+        "",
+        "bearer tokens and the tenants each may read: 'TOKEN=tenant-a,tenant-b;OPS=*' "
+        "(empty: the API is open, for local use only)",
+        "exporter",
+        secret=True,
+    )
+    metrics_token: str = _opt("", "bearer token required on /metrics (empty: open)", "exporter", secret=True)
+    tenant_label_limit: int = _opt(
+        500, "distinct tenant label values before new tenants fold into __other__", "exporter"
+    )
+    refresh_interval: float = _opt(15.0, "seconds between reads of the store for state metrics", "exporter")
+    refresh_timeout: float = _opt(10.0, "seconds a store read for state metrics may take", "exporter")
+    stuck_after: float = _opt(900.0, "seconds in pending/processing before a job counts as stuck", "exporter")
+    forward_otlp_endpoint: str = _opt("", "forward received spans to this OTLP/HTTP base URL", "exporter")
+    forward_queue_size: int = _opt(1024, "span batches held for forwarding before dropping", "exporter")
+
     @property
     def sqlite_path(self) -> Path:
         """The local store's SQLite file (jobs, shards and the local queue share it)."""
@@ -134,11 +154,27 @@ class Settings:
 
     def validate(self) -> None:
         """Raise ValueError naming the setting when a value is out of range."""
-        positive = ("concurrency", "max_attempts", "chunk_max_tokens", "openai_batch_size", "tracking_buffer")
+        positive = (
+            "concurrency",
+            "max_attempts",
+            "chunk_max_tokens",
+            "openai_batch_size",
+            "tracking_buffer",
+            "tenant_label_limit",
+            "forward_queue_size",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        for name in ("lock_duration", "backoff_base", "backoff_max", "openai_timeout"):
+        for name in (
+            "lock_duration",
+            "backoff_base",
+            "backoff_max",
+            "openai_timeout",
+            "refresh_interval",
+            "refresh_timeout",
+            "stuck_after",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.chunk_overlap_tokens >= self.chunk_max_tokens or self.chunk_overlap_tokens < 0:
