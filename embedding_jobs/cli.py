@@ -1,4 +1,4 @@
-"""The `embedding-jobs` command: ingest, worker, up, jobs, recount, purge."""
+"""The `embedding-jobs` command: the one place that wires the worker and the exporter together."""
 
 from __future__ import annotations
 
@@ -10,10 +10,14 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from datetime import timedelta
 from importlib import resources
 from typing import Any, TextIO
+
+from aiohttp import web
+from opentelemetry.sdk.trace import SpanProcessor
+from prometheus_client import CollectorRegistry
 
 from embedding_jobs.backends import (
     Backends,
@@ -23,13 +27,16 @@ from embedding_jobs.backends import (
     open_backends,
     open_job_store,
 )
+from exporter.app import create_app
+from exporter.spanmetrics import MetricsSpanProcessor, SpanMetrics
 from jobs.errors import JobError
 from jobs.logs import configure_logging
-from jobs.model import JobStatus
+from jobs.model import Job, JobStatus
 from jobs.settings import Settings
 from jobs.store import JobStore
 from jobs.telemetry import Outcome
 from worker.consumer import Consumer
+from worker.messages import JobMessage
 from worker.producer import Producer, ingest_shard
 from worker.sources import Rejected, read_shards
 from worker.tracing import create_tracer_provider, get_tracer
@@ -37,7 +44,7 @@ from worker.tracker import JobTracker
 
 log = logging.getLogger("embedding_jobs")
 SAMPLE = "sample/shards.jsonl"
-ALL_SECTIONS = ("store", "queue", "embedder", "worker")
+ALL_SECTIONS = ("store", "queue", "embedder", "worker", "exporter")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--status", choices=[s.value for s in JobStatus], help="only jobs in this status")
     jobs.add_argument("--limit", type=int, default=20, help="jobs to show (default 20)")
 
+    add("exporter", cmd_exporter, "serve /metrics, the REST API, the status page and /v1/traces", ALL_SECTIONS)
     add("recount", cmd_recount, "rebuild per-tenant counters from the job records", ["store"])
     purge = add("purge", cmd_purge, "delete finished jobs older than the retention", ["store"])
     purge.add_argument("--older-than-hours", type=float, help="defaults to --retention-hours")
@@ -131,20 +139,84 @@ async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
-    """Local all-in-one: ingest, work the queue, show a per-tenant summary."""
-    async with open_backends(settings) as backends:
+    """Local all-in-one: exporter, ingest, work the queue, show a per-tenant summary."""
+    registry = CollectorRegistry()
+    span_metrics = SpanMetrics(registry, tenant_limit=settings.tenant_label_limit)
+    async with open_backends(settings) as backends, serve_exporter(settings, backends, registry, span_metrics) as url:
+        print(f"status page and API: {url}  metrics: {url}metrics", file=sys.stderr)
         if args.ingest:
             await _ingest(backends, args.ingest, "default")
         elif not args.no_sample:
             with resources.as_file(resources.files("embedding_jobs") / SAMPLE) as sample:
                 await _ingest(backends, str(sample), "default")
-        await _work(settings, backends, exit_when_idle=args.exit_when_idle, out=sys.stderr)
+        await _work(
+            settings,
+            backends,
+            exit_when_idle=args.exit_when_idle,
+            out=sys.stderr,
+            processors=[MetricsSpanProcessor(span_metrics)],
+        )
         await print_summary(backends.store, sys.stdout)
     return 0
 
 
-async def _work(settings: Settings, backends: Backends, *, exit_when_idle: bool, out: TextIO) -> None:
-    provider = create_tracer_provider("embedding-jobs-worker", settings.otlp_endpoint)
+async def cmd_exporter(settings: Settings, args: argparse.Namespace) -> int:
+    """Serve /metrics, /v1/traces, the API and the status page until SIGTERM/SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    registry = CollectorRegistry()
+    span_metrics = SpanMetrics(registry, tenant_limit=settings.tenant_label_limit)
+    async with open_backends(settings) as backends, serve_exporter(settings, backends, registry, span_metrics) as url:
+        print(f"exporter listening on {url}", file=sys.stderr, flush=True)
+        await stop.wait()
+    return 0
+
+
+@contextlib.asynccontextmanager
+async def serve_exporter(
+    settings: Settings, backends: Backends, registry: CollectorRegistry, span_metrics: SpanMetrics
+) -> AsyncIterator[str]:
+    """Run the exporter app on the configured address; yield its base URL."""
+    producer = Producer(backends.store, backends.queue, get_tracer())
+
+    async def enqueue(job: Job) -> None:
+        await producer.enqueue(JobMessage(job.id, job.tenant_id, job.shard_id, job.shard_type_id))
+
+    async def depth() -> dict[str, int]:
+        d = await backends.queue.depth()
+        return {"active": d.active, "scheduled": d.scheduled, "dead_letter": d.dead_letter}
+
+    app = create_app(
+        settings, backends.store, registry=registry, span_metrics=span_metrics, depth_source=depth, enqueue=enqueue
+    )
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.exporter_host, settings.exporter_port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ValueError(
+                f"cannot listen on {settings.exporter_host}:{settings.exporter_port} ({exc.strerror}); "
+                "choose another --exporter-port"
+            ) from exc
+        host, port = runner.addresses[0][:2]
+        yield f"http://{host}:{port}/"
+    finally:
+        await runner.cleanup()
+
+
+async def _work(
+    settings: Settings,
+    backends: Backends,
+    *,
+    exit_when_idle: bool,
+    out: TextIO,
+    processors: Sequence[SpanProcessor] = (),
+) -> None:
+    provider = create_tracer_provider("embedding-jobs-worker", settings.otlp_endpoint, processors)
     embedder = build_embedder(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

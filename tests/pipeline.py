@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -152,6 +152,7 @@ async def pipeline(
     config: ConsumerConfig | None = None,
     lock_duration: float = 5.0,
     queue: Queue | None = None,
+    processors: Sequence[SpanProcessor] = (),
 ) -> AsyncIterator[Pipeline]:
     """A pipeline on a fresh SQLite file; the consumer is stopped and everything closed on exit."""
     db = tmp_path / "pipeline.db"
@@ -161,6 +162,8 @@ async def pipeline(
     spans = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(spans))
+    for processor in processors:
+        provider.add_span_processor(processor)
     tracer = get_tracer(provider)
     outage = OutageStore(store)
     tracker = JobTracker(outage, retry_initial=0.02, retry_max=0.1)

@@ -1,0 +1,27 @@
+"""Typed application keys: everything the exporter's handlers share, in one place."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from jobs.model import Job
+from jobs.settings import Settings
+from jobs.store import JobStore
+
+if TYPE_CHECKING:
+    from exporter.auth import TokenAuth
+    from exporter.spanmetrics import SpanMetrics
+    from exporter.state import StateCollector
+
+SETTINGS = web.AppKey("settings", Settings)
+STORE = web.AppKey("store", JobStore)
+REGISTRY = web.AppKey("registry", CollectorRegistry)
+AUTH: web.AppKey[TokenAuth] = web.AppKey("auth")
+STATE: web.AppKey[StateCollector] = web.AppKey("state")
+SPAN_METRICS: web.AppKey[SpanMetrics] = web.AppKey("span_metrics")
+# Sends the message for a job put back to pending by the retry API; set by whoever wires a queue.
+ENQUEUE: web.AppKey[Callable[[Job], Awaitable[None]]] = web.AppKey("enqueue")

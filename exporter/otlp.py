@@ -1,0 +1,178 @@
+"""OTLP/HTTP trace receiver (`POST /v1/traces`) feeding span metrics, with optional forwarding.
+
+Accepts protobuf and JSON encodings, gzip or identity, as the OTLP/HTTP specification
+describes; answers with an ExportTraceServiceResponse, and with a google.rpc.Status body on
+errors. Received batches may be forwarded to an upstream OTLP endpoint through a bounded
+queue; batches that do not fit, or that upstream refuses, are counted as dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import logging
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from google.rpc import status_pb2
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.trace import SpanKind
+from prometheus_client import Counter
+
+from exporter import metrics as m
+from exporter.keys import REGISTRY, SETTINGS, SPAN_METRICS
+
+log = logging.getLogger(__name__)
+
+PROTOBUF = "application/x-protobuf"
+JSON = "application/json"
+# Upper bound of a (decompressed) export request; the SDK exports batches far below this.
+MAX_BODY_BYTES = 32 * 1024 * 1024
+FORWARD_TIMEOUT = 10.0
+# Protobuf SpanKind is the SDK's SpanKind shifted by one (0 is UNSPECIFIED).
+_KINDS = {kind.value + 1: kind for kind in SpanKind}
+FORWARDER: web.AppKey[Forwarder] = web.AppKey("otlp_forwarder")
+
+
+def setup(app: web.Application) -> None:
+    """Add the receiver route and, when configured, the forwarder's lifecycle."""
+    app.router.add_post("/v1/traces", receive_traces)
+    settings = app[SETTINGS]
+    if settings.forward_otlp_endpoint:
+        app[FORWARDER] = Forwarder(
+            settings.forward_otlp_endpoint.rstrip("/") + "/v1/traces",
+            queue_size=settings.forward_queue_size,
+            counters=_forward_counters(app),
+        )
+        app.cleanup_ctx.append(_run_forwarder)
+
+
+def _forward_counters(app: web.Application) -> tuple[Counter, Counter]:
+    registry = app[REGISTRY]
+    sent = Counter(m.FORWARD_SENT, "Span batches forwarded upstream.", registry=registry)
+    dropped = Counter(
+        m.FORWARD_DROPPED, "Span batches not forwarded upstream, by reason.", ["reason"], registry=registry
+    )
+    return sent, dropped
+
+
+async def _run_forwarder(app: web.Application) -> AsyncIterator[None]:
+    forwarder = app[FORWARDER]
+    task = asyncio.create_task(forwarder.run(), name="otlp-forwarder")
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def receive_traces(request: web.Request) -> web.Response:
+    """Decode an export request, record its job spans, forward it if configured."""
+    content_type = request.content_type
+    if content_type not in (PROTOBUF, JSON):
+        return _error(415, f"unsupported content type {content_type!r}; use {PROTOBUF} or {JSON}", PROTOBUF)
+    try:
+        encoding = request.headers.get("Content-Encoding", "identity").lower().strip()
+        if encoding not in ("", "identity", "gzip", "deflate"):
+            raise _BadRequestError(415, f"unsupported content encoding {encoding!r}; use gzip or identity")
+        # aiohttp decompresses gzip bodies itself and refuses (413) one that grows past client_max_size.
+        try:
+            body = await request.read()
+        except RequestPayloadError as exc:
+            raise _BadRequestError(400, f"cannot read the body: {exc}") from exc
+        export = ExportTraceServiceRequest()
+        if content_type == PROTOBUF:
+            export.ParseFromString(body)
+        else:
+            json_format.Parse(body, export, ignore_unknown_fields=True)
+    except _BadRequestError as exc:
+        return _error(exc.status, str(exc), content_type)
+    except (DecodeError, json_format.ParseError, UnicodeDecodeError) as exc:
+        return _error(400, f"malformed {content_type} ExportTraceServiceRequest: {exc}", content_type)
+    metrics = request.app[SPAN_METRICS]
+    for span in _spans(export):
+        metrics.record(source="otlp", **span)
+    forwarder = request.app.get(FORWARDER)
+    if forwarder is not None:
+        forwarder.submit(export.SerializeToString())
+    return _reply(ExportTraceServiceResponse(), content_type, 200)
+
+
+def _spans(export: ExportTraceServiceRequest) -> Iterator[dict[str, Any]]:
+    for resource_spans in export.resource_spans:
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                yield {
+                    "name": span.name,
+                    "kind": _KINDS.get(span.kind, SpanKind.INTERNAL),
+                    "start_ns": span.start_time_unix_nano,
+                    "end_ns": span.end_time_unix_nano,
+                    "attributes": {kv.key: _value(kv.value) for kv in span.attributes},
+                    "trace_id": int.from_bytes(span.trace_id, "big") if span.trace_id else 0,
+                }
+
+
+def _value(value: AnyValue) -> Any:
+    field = value.WhichOneof("value")
+    if field is None or field in ("array_value", "kvlist_value", "bytes_value"):
+        return None
+    return getattr(value, field)
+
+
+class _BadRequestError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _reply(message: Any, content_type: str, status: int) -> web.Response:
+    if content_type == JSON:
+        return web.Response(status=status, text=json_format.MessageToJson(message), content_type=JSON)
+    return web.Response(status=status, body=message.SerializeToString(), content_type=PROTOBUF)
+
+
+def _error(status: int, message: str, content_type: str) -> web.Response:
+    return _reply(status_pb2.Status(code=3, message=message), content_type, status)
+
+
+class Forwarder:
+    """Posts received batches upstream from a bounded queue; counts what it cannot send."""
+
+    def __init__(self, url: str, *, queue_size: int, counters: tuple[Counter, Counter]) -> None:
+        self.url = url
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=queue_size)
+        self.sent, self.dropped = counters
+
+    def submit(self, body: bytes) -> None:
+        """Queue a serialized ExportTraceServiceRequest, or drop it when the queue is full."""
+        try:
+            self.queue.put_nowait(body)
+        except asyncio.QueueFull:
+            self.dropped.labels("queue_full").inc()
+
+    async def run(self) -> None:
+        """Send queued batches until cancelled."""
+        timeout = aiohttp.ClientTimeout(total=FORWARD_TIMEOUT)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while True:
+                body = await self.queue.get()
+                try:
+                    async with session.post(
+                        self.url,
+                        data=gzip.compress(body),
+                        headers={"Content-Type": PROTOBUF, "Content-Encoding": "gzip"},
+                    ) as response:
+                        if response.status >= 300:
+                            self.dropped.labels(f"http_{response.status}").inc()
+                            continue
+                    self.sent.inc()
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    self.dropped.labels("unreachable").inc()
+                    log.warning("forwarding spans to %s failed: %s", self.url, exc)

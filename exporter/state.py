@@ -1,0 +1,147 @@
+"""State metrics read from the store in the background and served from memory at scrape time.
+
+A scrape never waits on the store: the refresher reads counters, stuck jobs and queue depth
+on an interval with a bounded timeout, and the collector serves the last good snapshot.
+Staleness shows in the last-success timestamp and the error counter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from exporter import metrics as m
+from exporter.spanmetrics import TenantLimiter
+from jobs.model import JobStatus
+from jobs.store import JobStore
+
+log = logging.getLogger(__name__)
+
+# Returns {"active": n, "scheduled": n, "dead_letter": n} for the queue.
+DepthSource = Callable[[], Awaitable[Mapping[str, int]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What the last successful refresh read."""
+
+    jobs: Mapping[str, Mapping[JobStatus, int]] = field(default_factory=dict)
+    stuck: Mapping[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
+    depth: Mapping[str, int] | None = None
+
+
+class StateCollector(Collector):
+    """Serves per-tenant status gauges, stuck-job gauges and queue depth from a snapshot."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        registry: CollectorRegistry,
+        *,
+        limiter: TenantLimiter,
+        interval: float = 15.0,
+        timeout: float = 10.0,
+        stuck_after: float = 900.0,
+        depth_source: DepthSource | None = None,
+        queue_name: str = "embedding-jobs",
+    ) -> None:
+        self.store = store
+        self.limiter = limiter
+        self.interval = interval
+        self.timeout = timeout
+        self.stuck_after = stuck_after
+        self.depth_source = depth_source
+        self.queue_name = queue_name
+        self.snapshot = Snapshot()
+        self.refreshed = asyncio.Event()
+        self._duration = Histogram(
+            m.REFRESH_DURATION,
+            "Time taken to read state metrics from the store.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=registry,
+        )
+        self._errors = Counter(
+            m.REFRESH_ERRORS, "Failed or timed-out reads of state metrics from the store.", registry=registry
+        )
+        self._last_success = Gauge(
+            m.REFRESH_LAST_SUCCESS, "Unix time of the last successful read of state metrics.", registry=registry
+        )
+        registry.register(self)
+
+    async def run(self) -> None:
+        """Refresh forever on the interval (cancel to stop)."""
+        while True:
+            await self.refresh()
+            await asyncio.sleep(self.interval)
+
+    async def refresh(self) -> bool:
+        """Read a new snapshot within the timeout; on failure keep the old one and count the error."""
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.timeout):
+                snapshot = await self._read()
+        except Exception as exc:  # a failed read must never stop the refresher
+            self._errors.inc()
+            log.warning("state refresh failed: %s", exc or "timed out")
+            return False
+        finally:
+            self._duration.observe(time.perf_counter() - started)
+        self.snapshot = snapshot
+        self._last_success.set(time.time())
+        self.refreshed.set()
+        return True
+
+    async def _read(self) -> Snapshot:
+        jobs = await self.store.stats_all()
+        now = datetime.now(UTC)
+        stuck = {
+            (s.tenant_id, s.status.value): (s.count, (now - s.oldest_updated_at).total_seconds())
+            for s in await self.store.stuck(timedelta(seconds=self.stuck_after))
+        }
+        depth = dict(await self.depth_source()) if self.depth_source is not None else None
+        return Snapshot(jobs=jobs, stuck=stuck, depth=depth)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """Yield the gauges of the current snapshot, tenants past the label limit folded together."""
+        snapshot = self.snapshot
+        jobs = GaugeMetricFamily(m.JOBS, m.JOBS_HELP, labels=["tenant", "status"])
+        folded: dict[tuple[str, str], float] = {}
+        for tenant, counts in sorted(snapshot.jobs.items()):
+            label = self.limiter.label(tenant)
+            for job_status, count in counts.items():
+                key = (label, job_status.value)
+                folded[key] = folded.get(key, 0) + count
+        for (tenant, status_name), value in folded.items():
+            jobs.add_metric([tenant, status_name], value)
+        yield jobs
+
+        stuck = GaugeMetricFamily(m.JOBS_STUCK, m.JOBS_STUCK_HELP, labels=["tenant", "status"])
+        oldest = GaugeMetricFamily(m.JOBS_STUCK_OLDEST, m.JOBS_STUCK_OLDEST_HELP, labels=["tenant", "status"])
+        stuck_folded: dict[tuple[str, str], tuple[float, float]] = {}
+        # Zero for every known tenant so an alert on "> 0" resolves instead of going absent.
+        for tenant, status_name in folded:
+            if status_name in (JobStatus.PENDING.value, JobStatus.PROCESSING.value):
+                stuck_folded[(tenant, status_name)] = (0.0, 0.0)
+        for (tenant, status_name), (stuck_count, age) in snapshot.stuck.items():
+            key = (self.limiter.label(tenant), status_name)
+            previous = stuck_folded.get(key, (0.0, 0.0))
+            stuck_folded[key] = (previous[0] + stuck_count, max(previous[1], age))
+        for (tenant, status_name), (stuck_count, age) in sorted(stuck_folded.items()):
+            stuck.add_metric([tenant, status_name], stuck_count)
+            oldest.add_metric([tenant, status_name], age)
+        yield stuck
+        yield oldest
+
+        if snapshot.depth is not None:
+            depth = GaugeMetricFamily(m.QUEUE_MESSAGES, m.QUEUE_MESSAGES_HELP, labels=["queue", "state"])
+            for state in ("active", "scheduled", "dead_letter"):
+                depth.add_metric([self.queue_name, state], snapshot.depth.get(state, 0))
+            yield depth

@@ -1,0 +1,103 @@
+"""A worker process sends its spans over OTLP/HTTP to a separately running exporter process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.components import free_port
+from tests.test_cli import cli_env, run_cli
+
+
+def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    out: dict[tuple[tuple[str, str], ...], float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name:
+                out[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+async def test_worker_spans_reach_a_separate_exporter_over_otlp(tmp_path: Path) -> None:
+    corpus = "\n".join(
+        json.dumps({"tenantId": tenant, "shardId": f"s{n}", "text": f"text {n} of {tenant}"})
+        for tenant in ("acme", "globex")
+        for n in range(5)
+    )
+    assert run_cli(tmp_path, "ingest", "-", stdin=corpus).returncode == 0
+    port = free_port()
+    exporter = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "embedding_jobs",
+        "exporter",
+        "--exporter-port",
+        str(port),
+        "--refresh-interval",
+        "0.2",
+        env=cli_env(tmp_path),
+        stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def metrics() -> str:
+                async with session.get(f"{base}/metrics") as response:
+                    return await response.text()
+
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    await metrics()
+                    break
+                except aiohttp.ClientConnectionError:
+                    assert time.monotonic() < deadline, "exporter did not start"
+                    await asyncio.sleep(0.05)
+
+            worker = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "embedding_jobs",
+                "worker",
+                "--exit-when-idle",
+                "--otlp-endpoint",
+                base,
+                env=cli_env(tmp_path),
+                stderr=subprocess.PIPE,
+            )
+            _, err = await asyncio.wait_for(worker.communicate(), 40)
+            assert worker.returncode == 0, err.decode()
+
+            # The worker flushes its span batch on exit; the exporter's state refresh runs every 0.2 s.
+            while True:
+                text = await metrics()
+                attempts = samples(text, "embedding_job_attempts_total")
+                jobs = samples(text, "embedding_jobs")
+                done = (
+                    attempts.get((("outcome", "completed"), ("tenant", "acme"))) == 5
+                    and jobs.get((("status", "completed"), ("tenant", "globex"))) == 5
+                )
+                if done:
+                    break
+                assert time.monotonic() < deadline + 20, text
+                await asyncio.sleep(0.05)
+            assert attempts[(("outcome", "completed"), ("tenant", "globex"))] == 5
+            assert attempts[(("outcome", "failed"), ("tenant", "globex"))] == 0
+            durations = samples(text, "embedding_job_duration_seconds_count")
+            assert durations[(("outcome", "completed"), ("tenant", "acme"))] == 5
+            received = samples(text, "embedding_exporter_spans_received_total")
+            assert received[(("source", "otlp"),)] == 10
+            depth = samples(text, "embedding_queue_messages")
+            assert depth[(("queue", "embedding-jobs"), ("state", "active"))] == 0
+    finally:
+        exporter.terminate()
+        await asyncio.wait_for(exporter.communicate(), 20)
+    assert exporter.returncode == 0

@@ -1,0 +1,315 @@
+"""/metrics: state gauges equal the store, event metrics equal what was processed, exactly."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import subprocess
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.trace import SpanKind
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+from pytest_aiohttp.plugin import AiohttpClient
+
+from exporter.app import create_app
+from exporter.keys import STATE
+from exporter.spanmetrics import MetricsSpanProcessor, SpanMetrics
+from jobs import telemetry as attr
+from jobs.model import Job, JobStatus, utcnow
+from jobs.settings import Settings
+from jobs.sqlite_store import SQLiteJobStore
+from tests.components import require_binary
+from tests.pipeline import pipeline
+from worker.tracing import get_tracer
+
+S = JobStatus
+Client = TestClient[web.Request, web.Application]
+TEXT = "Vectors for everyone.\n\nA second paragraph so there is more than one chunk sometimes."
+
+
+def sample(text: str, name: str, labels: dict[str, str]) -> float | None:
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
+    return None
+
+
+@pytest.fixture
+async def seeded_store(tmp_path: Path) -> AsyncIterator[SQLiteJobStore]:
+    store = await SQLiteJobStore.open(tmp_path / "jobs.db")
+    old = utcnow() - timedelta(hours=3)
+    for n in range(6):
+        await store.create(Job.new(job_id=f"a{n}", tenant_id="acme", shard_id=f"s{n}", shard_type_id="d"))
+    for n in range(4):
+        await store.transition("acme", f"a{n}", S.PENDING, S.PROCESSING)
+    for n in range(3):
+        await store.transition("acme", f"a{n}", S.PROCESSING, S.COMPLETED)
+    await store.create(
+        Job.new(job_id="g1", tenant_id="globex", shard_id="s", shard_type_id="d").with_changes(
+            created_at=old, updated_at=old
+        )
+    )
+    yield store
+    await store.close()
+
+
+async def scrape(client: Client, accept: str = "") -> str:
+    response = await client.get("/metrics", headers={"Accept": accept} if accept else {})
+    assert response.status == 200
+    return await response.text()
+
+
+async def test_state_gauges_equal_the_store_counters(
+    aiohttp_client: AiohttpClient, seeded_store: SQLiteJobStore
+) -> None:
+    app = create_app(Settings(stuck_after=3600), seeded_store)
+    client = await aiohttp_client(app)
+    await asyncio.wait_for(app[STATE].refreshed.wait(), 10)
+    text = await scrape(client)
+    expected = {
+        ("acme", "pending"): 2,
+        ("acme", "processing"): 1,
+        ("acme", "completed"): 3,
+        ("acme", "failed"): 0,
+        ("acme", "dead_lettered"): 0,
+        ("globex", "pending"): 1,
+    }
+    for (tenant, status), value in expected.items():
+        assert sample(text, "embedding_jobs", {"tenant": tenant, "status": status}) == value
+    assert sample(text, "embedding_jobs_stuck", {"tenant": "globex", "status": "pending"}) == 1
+    assert sample(text, "embedding_jobs_stuck", {"tenant": "acme", "status": "pending"}) == 0
+    oldest = sample(text, "embedding_jobs_stuck_oldest_age_seconds", {"tenant": "globex", "status": "pending"})
+    assert oldest is not None
+    assert 3 * 3600 - 5 < oldest < 3 * 3600 + 60
+    assert sample(text, "embedding_exporter_store_refresh_errors_total", {}) == 0
+    last = sample(text, "embedding_exporter_store_last_success_timestamp_seconds", {})
+    assert last is not None
+    assert last > 0
+
+
+async def test_dead_store_keeps_the_last_snapshot_and_counts_errors(
+    aiohttp_client: AiohttpClient, seeded_store: SQLiteJobStore
+) -> None:
+    app = create_app(Settings(refresh_interval=3600), seeded_store)
+    client = await aiohttp_client(app)
+    await asyncio.wait_for(app[STATE].refreshed.wait(), 10)
+    before = sample(await scrape(client), "embedding_exporter_store_last_success_timestamp_seconds", {})
+    await seeded_store.close()
+    assert await app[STATE].refresh() is False
+    text = await scrape(client)
+    assert sample(text, "embedding_jobs", {"tenant": "acme", "status": "completed"}) == 3
+    assert sample(text, "embedding_exporter_store_refresh_errors_total", {}) == 1
+    assert sample(text, "embedding_exporter_store_last_success_timestamp_seconds", {}) == before
+    ready = await client.get("/readyz")
+    assert ready.status == 503
+    assert (await ready.json())["error"]["code"] == "store_unavailable"
+    assert (await client.get("/healthz")).status == 200
+
+
+async def test_slow_store_never_blocks_a_scrape(aiohttp_client: AiohttpClient, seeded_store: SQLiteJobStore) -> None:
+    gate = asyncio.Event()
+
+    class SlowStore:
+        def __getattr__(self, name: str) -> object:
+            return getattr(seeded_store, name)
+
+        async def stats_all(self) -> dict[str, dict[JobStatus, int]]:
+            await gate.wait()
+            return await seeded_store.stats_all()
+
+    app = create_app(Settings(refresh_timeout=0.2, refresh_interval=3600), SlowStore())  # type: ignore[arg-type]
+    client = await aiohttp_client(app)
+    text = await asyncio.wait_for(scrape(client), 2)
+    assert "embedding_jobs" in text
+
+    async def errored() -> bool:
+        return sample(await scrape(client), "embedding_exporter_store_refresh_errors_total", {}) == 1
+
+    deadline = asyncio.get_running_loop().time() + 10
+    while not await errored():
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.02)
+    gate.set()
+
+
+async def test_event_metrics_equal_what_the_worker_processed(tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    span_metrics = SpanMetrics(registry)
+    async with pipeline(tmp_path, processors=[MetricsSpanProcessor(span_metrics)]) as p:
+        ok = [await p.ingest("acme", f"ok-{n}", f"{TEXT} {n}") for n in range(4)]
+        flaky = await p.ingest("acme", "flaky", "FAIL_ONCE " + TEXT)
+        dead = await p.ingest("globex", "dead", "FAIL_ALWAYS " + TEXT)
+        p.start()
+        for job in [*ok, flaky]:
+            await p.wait_for_status("acme", job.id, S.COMPLETED)
+        await p.wait_for_status("globex", dead.id, S.DEAD_LETTERED)
+        await p.wait_idle()
+        vectors = 0
+        for job in [*ok, flaky]:
+            stored = await p.store.get("acme", job.id)
+            vectors += stored.metadata.vector_count or 0
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert value("embedding_job_attempts_total", tenant="acme", outcome="completed") == 5
+    assert value("embedding_job_attempts_total", tenant="acme", outcome="failed") == 1
+    assert value("embedding_job_attempts_total", tenant="acme", outcome="dead_lettered") == 0
+    assert value("embedding_job_attempts_total", tenant="globex", outcome="failed") == 2
+    assert value("embedding_job_attempts_total", tenant="globex", outcome="dead_lettered") == 1
+    assert value("embedding_vectors_total", tenant="acme") == vectors
+    assert value("embedding_job_duration_seconds_count", tenant="acme", outcome="completed") == 5
+    assert value("embedding_job_queue_wait_seconds_count", tenant="acme") == 6
+    job_spans = [s for s in p.spans.get_finished_spans() if s.name == attr.JOB_SPAN]
+    measured = sum(
+        (s.end_time - s.start_time) / 1e9
+        for s in job_spans
+        if s.end_time and s.start_time and (s.attributes or {}).get(attr.TENANT) == "acme"
+    )
+    total = sum(
+        value("embedding_job_duration_seconds_sum", tenant="acme", outcome=o) or 0 for o in ("completed", "failed")
+    )
+    assert total == pytest.approx(measured)
+    assert value("embedding_exporter_spans_received_total", source="in_process") == 9
+
+
+def job_span_request(tenant: str, outcome: str, n: int = 1, vectors: int = 3) -> ExportTraceServiceRequest:
+    """An export request built by the real SDK and OTLP encoder."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = get_tracer(provider)
+    for _ in range(n):
+        with tracer.start_as_current_span(attr.JOB_SPAN, kind=SpanKind.CONSUMER) as span:
+            span.set_attributes(
+                {attr.TENANT: tenant, attr.OUTCOME: outcome, attr.VECTOR_COUNT: vectors, attr.QUEUE_WAIT: 0.5}
+            )
+    return encode_spans(exporter.get_finished_spans())
+
+
+@pytest.fixture
+async def otlp_client(aiohttp_client: AiohttpClient, tmp_path: Path) -> AsyncIterator[Client]:
+    store = await SQLiteJobStore.open(tmp_path / "jobs.db")
+    yield await aiohttp_client(create_app(Settings(tenant_label_limit=2), store))
+    await store.close()
+
+
+async def test_otlp_protobuf_spans_become_metrics(otlp_client: Client) -> None:
+    body = job_span_request("acme", "completed", n=3).SerializeToString()
+    response = await otlp_client.post("/v1/traces", data=body, headers={"Content-Type": "application/x-protobuf"})
+    assert response.status == 200
+    assert response.content_type == "application/x-protobuf"
+    text = await scrape(otlp_client)
+    assert sample(text, "embedding_job_attempts_total", {"tenant": "acme", "outcome": "completed"}) == 3
+    assert sample(text, "embedding_vectors_total", {"tenant": "acme"}) == 9
+    assert sample(text, "embedding_job_queue_wait_seconds_count", {"tenant": "acme"}) == 3
+    assert sample(text, "embedding_exporter_spans_received_total", {"source": "otlp"}) == 3
+
+
+async def test_otlp_accepts_gzip_and_json(otlp_client: Client) -> None:
+    from google.protobuf import json_format
+
+    gz = gzip.compress(job_span_request("acme", "failed").SerializeToString())
+    response = await otlp_client.post(
+        "/v1/traces", data=gz, headers={"Content-Type": "application/x-protobuf", "Content-Encoding": "gzip"}
+    )
+    assert response.status == 200
+    as_json = json_format.MessageToJson(job_span_request("acme", "failed"))
+    response = await otlp_client.post("/v1/traces", data=as_json, headers={"Content-Type": "application/json"})
+    assert response.status == 200
+    assert response.content_type == "application/json"
+    assert (
+        sample(await scrape(otlp_client), "embedding_job_attempts_total", {"tenant": "acme", "outcome": "failed"}) == 2
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status"),
+    [
+        (b"\x0a\xff\xff", {"Content-Type": "application/x-protobuf"}, 400),
+        (b"{not json", {"Content-Type": "application/json"}, 400),
+        (b"x", {"Content-Type": "text/plain"}, 415),
+        (b"x", {"Content-Type": "application/x-protobuf", "Content-Encoding": "compress"}, 415),
+        (b"not gzip", {"Content-Type": "application/x-protobuf", "Content-Encoding": "gzip"}, 400),
+    ],
+)
+async def test_otlp_bad_requests_get_a_status_error(
+    otlp_client: Client, body: bytes, headers: dict[str, str], status: int
+) -> None:
+    from google.rpc import status_pb2
+
+    response = await otlp_client.post("/v1/traces", data=body, headers=headers)
+    assert response.status == status
+    if response.content_type == "application/x-protobuf":
+        error = status_pb2.Status()
+        error.ParseFromString(await response.read())
+        assert error.message
+
+
+async def test_gzip_bomb_is_refused(otlp_client: Client) -> None:
+    bomb = gzip.compress(b"\x00" * (70 * 1024 * 1024))
+    response = await otlp_client.post(
+        "/v1/traces", data=bomb, headers={"Content-Type": "application/x-protobuf", "Content-Encoding": "gzip"}
+    )
+    assert response.status == 413
+
+
+async def test_tenants_past_the_label_limit_fold_into_other(otlp_client: Client) -> None:
+    for tenant in ("t1", "t2", "t3", "t4"):
+        body = job_span_request(tenant, "completed").SerializeToString()
+        await otlp_client.post("/v1/traces", data=body, headers={"Content-Type": "application/x-protobuf"})
+    text = await scrape(otlp_client)
+    assert sample(text, "embedding_job_attempts_total", {"tenant": "t1", "outcome": "completed"}) == 1
+    assert sample(text, "embedding_job_attempts_total", {"tenant": "t2", "outcome": "completed"}) == 1
+    assert sample(text, "embedding_job_attempts_total", {"tenant": "t3", "outcome": "completed"}) is None
+    assert sample(text, "embedding_job_attempts_total", {"tenant": "__other__", "outcome": "completed"}) == 2
+    assert sample(text, "embedding_exporter_tenants_folded", {}) == 2
+
+
+async def test_exemplars_carry_trace_ids_in_openmetrics(otlp_client: Client) -> None:
+    request = job_span_request("acme", "completed")
+    trace_id = request.resource_spans[0].scope_spans[0].spans[0].trace_id.hex()
+    await otlp_client.post(
+        "/v1/traces", data=request.SerializeToString(), headers={"Content-Type": "application/x-protobuf"}
+    )
+    openmetrics = await scrape(otlp_client, "application/openmetrics-text; version=1.0.0")
+    assert f'# {{trace_id="{trace_id}"}}' in openmetrics
+    plain = await scrape(otlp_client)
+    assert "trace_id" not in plain
+
+
+async def test_metrics_token_protects_metrics(aiohttp_client: AiohttpClient, tmp_path: Path) -> None:
+    store = await SQLiteJobStore.open(tmp_path / "jobs.db")
+    try:
+        client = await aiohttp_client(create_app(Settings(metrics_token="scrape-token-0123456789"), store))
+        assert (await client.get("/metrics")).status == 401
+        ok = await client.get("/metrics", headers={"Authorization": "Bearer scrape-token-0123456789"})
+        assert ok.status == 200
+    finally:
+        await store.close()
+
+
+async def test_promtool_accepts_the_exposition(otlp_client: Client, tmp_path: Path) -> None:
+    promtool = require_binary("promtool", "apt-get install prometheus")
+    for outcome in ("completed", "failed", "dead_lettered"):
+        body = job_span_request("acme", outcome).SerializeToString()
+        await otlp_client.post("/v1/traces", data=body, headers={"Content-Type": "application/x-protobuf"})
+    text = await scrape(otlp_client)
+    proc = await asyncio.create_subprocess_exec(
+        promtool, "check", "metrics", stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    output, _ = await proc.communicate(text.encode())
+    assert proc.returncode == 0, output.decode()
