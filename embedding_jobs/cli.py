@@ -182,7 +182,9 @@ async def serve_exporter(
     producer = Producer(backends.store, backends.queue, get_tracer())
 
     async def enqueue(job: Job) -> None:
-        await producer.enqueue(JobMessage(job.id, job.tenant_id, job.shard_id, job.shard_type_id))
+        # Its own message id, so duplicate detection cannot drop a manual retry of a job.
+        retry_id = f"{job.id}.manual-{job.updated_at.strftime('%Y%m%dT%H%M%S%f')}"
+        await producer.enqueue(JobMessage(job.id, job.tenant_id, job.shard_id, job.shard_type_id), message_id=retry_id)
 
     async def depth() -> dict[str, int]:
         d = await backends.queue.depth()

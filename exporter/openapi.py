@@ -6,7 +6,7 @@ from importlib import metadata
 from typing import Any
 
 from exporter.otlp import PROTOBUF
-from jobs.model import _SAFE_ID, ID_MAX_LENGTH, TENANT_ID_MAX_LENGTH, JobStatus
+from jobs.model import ID_MAX_LENGTH, SAFE_ID, TENANT_ID_MAX_LENGTH, JobStatus
 from jobs.store import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 
 OPENAPI_PATH = "/api/v1/openapi.json"
@@ -38,7 +38,7 @@ def _version() -> str:
 def _schemas() -> dict[str, Any]:
     statuses = [status.value for status in JobStatus]
     timestamp = {"type": "string", "format": "date-time", "description": "ISO-8601 UTC with milliseconds and Z"}
-    identifier = {"type": "string", "pattern": _SAFE_ID.pattern, "maxLength": ID_MAX_LENGTH}
+    identifier = {"type": "string", "pattern": SAFE_ID.pattern, "maxLength": ID_MAX_LENGTH}
     stats = {
         "type": "object",
         "description": "Job count per status; every status is present.",
@@ -48,7 +48,7 @@ def _schemas() -> dict[str, Any]:
     }
     return {
         "JobStatus": {"type": "string", "enum": statuses},
-        "TenantId": {"type": "string", "pattern": _SAFE_ID.pattern, "maxLength": TENANT_ID_MAX_LENGTH},
+        "TenantId": {"type": "string", "pattern": SAFE_ID.pattern, "maxLength": TENANT_ID_MAX_LENGTH},
         "JobMetadata": {
             "type": "object",
             "description": "What the completed attempt produced.",
@@ -192,7 +192,7 @@ def _parameters() -> dict[str, Any]:
             "name": "jobId",
             "in": "path",
             "required": True,
-            "schema": {"type": "string", "pattern": _SAFE_ID.pattern, "maxLength": ID_MAX_LENGTH},
+            "schema": {"type": "string", "pattern": SAFE_ID.pattern, "maxLength": ID_MAX_LENGTH},
         },
         "Status": {
             "name": "status",

@@ -15,7 +15,7 @@ TENANT_ID_MAX_LENGTH = 64
 ID_MAX_LENGTH = 128
 # Letters, digits, dash, underscore and dot: safe in Prometheus labels, URLs,
 # Cosmos partition keys and log lines without escaping.
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class JobStatus(StrEnum):
@@ -53,7 +53,7 @@ def validate_tenant_id(tenant_id: object) -> str:
         raise InvalidTenantError("tenant id must be a non-empty string")
     if len(tenant_id) > TENANT_ID_MAX_LENGTH:
         raise InvalidTenantError(f"tenant id is {len(tenant_id)} characters; at most {TENANT_ID_MAX_LENGTH} allowed")
-    if not _SAFE_ID.match(tenant_id):
+    if not SAFE_ID.match(tenant_id):
         raise InvalidTenantError(
             f"tenant id {tenant_id[:TENANT_ID_MAX_LENGTH]!r} may contain only letters, digits, "
             "'.', '_' and '-', and must start with a letter or digit"
@@ -65,7 +65,7 @@ def validate_id(value: object, what: str) -> str:
     """Return value if it is a safe, bounded identifier; raise InvalidJobError if not."""
     if not isinstance(value, str) or not value:
         raise InvalidJobError(f"{what} must be a non-empty string")
-    if len(value) > ID_MAX_LENGTH or not _SAFE_ID.match(value):
+    if len(value) > ID_MAX_LENGTH or not SAFE_ID.match(value):
         raise InvalidJobError(f"{what} must be at most {ID_MAX_LENGTH} characters of letters, digits, '.', '_' and '-'")
     return value
 

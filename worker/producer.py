@@ -36,15 +36,19 @@ class Producer:
         self.queue = queue
         self.tracer = tracer
 
-    async def enqueue(self, msg: JobMessage) -> None:
-        """Record the job as pending and send its message; a store failure never stops the send."""
+    async def enqueue(self, msg: JobMessage, *, message_id: str | None = None) -> None:
+        """Record the job as pending and send its message; a store failure never stops the send.
+
+        message_id overrides the default (the job id) where a queue's duplicate detection must
+        not swallow a deliberate resend, such as a manual retry.
+        """
         with self.tracer.start_as_current_span(
             attr.ENQUEUE_SPAN,
             kind=SpanKind.PRODUCER,
             attributes={
                 attr.MESSAGING_DESTINATION: self.queue.name,
                 attr.MESSAGING_OPERATION_TYPE: "send",
-                attr.MESSAGING_MESSAGE_ID: msg.message_id,
+                attr.MESSAGING_MESSAGE_ID: message_id or msg.message_id,
                 attr.TENANT: msg.tenant_id,
                 attr.JOB_ID: msg.job_id,
                 attr.SHARD_ID: msg.shard_id,
@@ -64,7 +68,9 @@ class Producer:
             except JobError as exc:
                 # The worker creates the record itself when none exists.
                 log.warning("could not record pending job %s: %s", msg.job_id, exc)
-            await self.queue.send(msg.to_body(), message_id=msg.message_id, application_properties=carrier)
+            await self.queue.send(
+                msg.to_body(), message_id=message_id or msg.message_id, application_properties=carrier
+            )
 
 
 @dataclass(frozen=True, slots=True)
