@@ -197,18 +197,22 @@ class SQLiteJobStore:
             sets.append("trace_id = ?")
             params.append(trace_id)
         # Only the fixed column names above are formatted in; every value is a parameter.
-        sql = f"UPDATE jobs SET {', '.join(sets)} WHERE tenant_id = ? AND id = ? AND status = ?"  # noqa: S608
+        sql = (
+            f"UPDATE jobs SET {', '.join(sets)} WHERE tenant_id = ? AND id = ? AND status = ? "  # noqa: S608
+            f"RETURNING {_COLUMNS}"
+        )
         params += [tenant_id, job_id, from_status.value]
 
         def apply(conn: sqlite3.Connection) -> Job:
             with transaction(conn):
-                if conn.execute(sql, params).rowcount == 0:
+                row = conn.execute(sql, params).fetchone()
+                if row is None:
                     current = _get(conn, tenant_id, job_id)
                     raise TransitionConflictError(job_id, from_status.value, current.status.value)
                 if from_status is not to_status:
                     _bump(conn, tenant_id, from_status.value, -1)
                     _bump(conn, tenant_id, to_status.value, 1)
-                return _get(conn, tenant_id, job_id)
+                return _row_to_job(row)
 
         return await self._run(apply)
 
