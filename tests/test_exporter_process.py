@@ -12,6 +12,8 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from jobs.model import JobStatus
+from jobs.sqlite_store import SQLiteJobStore
 from tests.components import free_port
 from tests.test_cli import cli_env, run_cli
 
@@ -101,3 +103,45 @@ async def test_worker_spans_reach_a_separate_exporter_over_otlp(tmp_path: Path) 
         exporter.terminate()
         await asyncio.wait_for(exporter.communicate(), 20)
     assert exporter.returncode == 0
+
+
+async def test_retry_through_the_exporter_api_reprocesses_a_dead_lettered_job(tmp_path: Path) -> None:
+    corpus = json.dumps({"tenantId": "acme", "shardId": "s1", "text": "some text"})
+    assert run_cli(tmp_path, "ingest", "-", stdin=corpus).returncode == 0
+    async with await SQLiteJobStore.open(tmp_path / "embedding-jobs.db") as store:
+        [job] = (await store.list("acme")).items
+        await store.transition("acme", job.id, JobStatus.PENDING, JobStatus.DEAD_LETTERED, error="gave up")
+    # The original message is still queued; drain it so only the retry's message remains.
+    assert run_cli(tmp_path, "worker", "--exit-when-idle").returncode == 0
+    port = free_port()
+    exporter = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "embedding_jobs",
+        "exporter",
+        "--exporter-port",
+        str(port),
+        env=cli_env(tmp_path),
+        stderr=subprocess.PIPE,
+    )
+    try:
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{port}/api/v1/embedding-jobs/{job.id}/retry?tenantId=acme"
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    async with session.post(url) as response:
+                        assert response.status == 202, await response.text()
+                        assert (await response.json())["status"] == "pending"
+                        break
+                except aiohttp.ClientConnectionError:
+                    assert time.monotonic() < deadline, "exporter did not start"
+                    await asyncio.sleep(0.05)
+    finally:
+        exporter.terminate()
+        await asyncio.wait_for(exporter.communicate(), 20)
+    assert run_cli(tmp_path, "worker", "--exit-when-idle").returncode == 0
+    async with await SQLiteJobStore.open(tmp_path / "embedding-jobs.db") as store:
+        done = await store.get("acme", job.id)
+    assert done.status is JobStatus.COMPLETED
+    assert done.retry_count == 0
