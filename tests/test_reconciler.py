@@ -1,0 +1,49 @@
+"""The dead-letter reconciler marks jobs whose messages the queue gave up on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jobs.model import Job, JobStatus
+from jobs.sqlite_store import SQLiteJobStore
+from worker.local_queue import LocalQueue
+from worker.messages import JobMessage
+from worker.reconciler import reconcile_dead_letters
+
+S = JobStatus
+
+
+async def test_message_dead_lettered_by_the_queue_marks_its_job(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    async with await SQLiteJobStore.open(db) as store, LocalQueue(db, max_delivery_count=2) as queue:
+        for n, status in enumerate([S.PROCESSING, S.FAILED, S.COMPLETED]):
+            job = Job.new(job_id=f"j{n}", tenant_id="acme", shard_id=f"s{n}", shard_type_id="d")
+            await store.create(job)
+            if status is not S.PENDING:
+                await store.transition("acme", job.id, S.PENDING, S.PROCESSING)
+            if status is not S.PROCESSING:
+                await store.transition("acme", job.id, S.PROCESSING, status)
+            msg = JobMessage(job.id, "acme", job.shard_id, "d")
+            await queue.send(msg.to_body(), message_id=msg.message_id)
+        await queue.send(b"not json", message_id="junk")
+        await queue.send(JobMessage("ghost", "acme", "s", "d").to_body(), message_id="ghost")
+        # Workers that crash mid-job: every delivery is abandoned until the queue gives up.
+        while batch := await queue.receive(max_messages=10, max_wait=0.05):
+            for message in batch:
+                await queue.abandon(message)
+        assert (await queue.depth()).dead_letter == 5
+
+        result = await reconcile_dead_letters(queue, store)
+        assert (result.scanned, result.marked, result.already_final, result.unknown) == (5, 2, 1, 2)
+        for job_id in ("j0", "j1"):
+            job = await store.get("acme", job_id)
+            assert job.status is S.DEAD_LETTERED
+            assert job.error is not None
+            assert "MaxDeliveryCountExceeded" in job.error
+        assert (await store.get("acme", "j2")).status is S.COMPLETED
+        assert await store.recount("acme") == {"acme": await store.stats("acme")}
+
+        again = await reconcile_dead_letters(queue, store)
+        assert (again.marked, again.already_final) == (0, 3)
+        resumed = await reconcile_dead_letters(queue, store, from_sequence_number=result.next_sequence_number)
+        assert resumed.scanned == 0

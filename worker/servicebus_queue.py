@@ -1,0 +1,244 @@
+"""The Queue protocol on Azure Service Bus (`azure.servicebus.aio`), in peek-lock mode.
+
+One sender and one peek-lock receiver per queue, opened once. Prefetch stays small
+(default 0): prefetched messages' locks run down while they wait in the buffer. Lock
+renewal for in-flight messages is done by the consume loop through `renew_lock`, the same
+way for every queue. Queue depth comes from the administration client's runtime
+properties when it can reach the namespace.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Self
+
+from azure.core.credentials_async import AsyncTokenCredential
+from azure.servicebus import ServiceBusMessage, ServiceBusReceivedMessage, ServiceBusSubQueue
+from azure.servicebus.aio import ServiceBusClient, ServiceBusReceiver, ServiceBusSender
+from azure.servicebus.aio.management import ServiceBusAdministrationClient
+from azure.servicebus.exceptions import MessageLockLostError as SdkLockLostError
+from azure.servicebus.exceptions import ServiceBusError
+
+from worker.queue import (
+    DeadLetteredMessage,
+    MessageLockLostError,
+    QueueDepth,
+    QueueUnavailableError,
+    ReceivedMessage,
+)
+
+log = logging.getLogger(__name__)
+DEAD_LETTER_REASON = "DeadLetterReason"
+DEAD_LETTER_DESCRIPTION = "DeadLetterErrorDescription"
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _properties(message: ServiceBusReceivedMessage) -> dict[str, str]:
+    return {_text(k): _text(v) for k, v in (message.application_properties or {}).items()}
+
+
+def _body(message: ServiceBusReceivedMessage) -> bytes:
+    body = message.body
+    if isinstance(body, bytes | bytearray):
+        return bytes(body)
+    return b"".join(bytes(part) for part in body)
+
+
+class ServiceBusQueue:
+    """A Service Bus queue behind the worker's Queue protocol."""
+
+    def __init__(
+        self,
+        client: ServiceBusClient,
+        name: str,
+        *,
+        admin: ServiceBusAdministrationClient | None = None,
+        prefetch: int = 0,
+    ) -> None:
+        self.client = client
+        self.name = name
+        self.admin = admin
+        self.prefetch = prefetch
+        self._sender: ServiceBusSender | None = None
+        self._receiver: ServiceBusReceiver | None = None
+        self._locked: dict[str, ServiceBusReceivedMessage] = {}
+
+    @classmethod
+    def from_connection_string(cls, connection_string: str, name: str, *, prefetch: int = 0) -> Self:
+        """A queue reached with a connection string (shared access key)."""
+        client = ServiceBusClient.from_connection_string(connection_string)
+        try:
+            admin: ServiceBusAdministrationClient | None = ServiceBusAdministrationClient.from_connection_string(
+                connection_string
+            )
+        except ValueError:
+            admin = None
+        return cls(client, name, admin=admin, prefetch=prefetch)
+
+    @classmethod
+    def from_namespace(cls, namespace: str, credential: AsyncTokenCredential, name: str, *, prefetch: int = 0) -> Self:
+        """A queue reached with Microsoft Entra ID (for example DefaultAzureCredential)."""
+        client = ServiceBusClient(namespace, credential)
+        return cls(client, name, admin=ServiceBusAdministrationClient(namespace, credential), prefetch=prefetch)
+
+    async def open(self) -> Self:
+        """Open the sender and the peek-lock receiver."""
+        self._sender = self.client.get_queue_sender(self.name)
+        self._receiver = self.client.get_queue_receiver(self.name, prefetch_count=self.prefetch)
+        return self
+
+    async def close(self) -> None:
+        """Close links, the client and the administration client."""
+        for closable in (self._receiver, self._sender, self.client, self.admin):
+            if closable is not None:
+                try:
+                    await closable.close()
+                except ServiceBusError as exc:
+                    log.warning("closing %s failed: %s", type(closable).__name__, exc)
+        self._locked.clear()
+
+    def _parts(self) -> tuple[ServiceBusSender, ServiceBusReceiver]:
+        if self._sender is None or self._receiver is None:
+            raise QueueUnavailableError(f"Service Bus queue {self.name!r} is not open")
+        return self._sender, self._receiver
+
+    async def send(
+        self,
+        body: bytes,
+        *,
+        message_id: str,
+        application_properties: Mapping[str, str] | None = None,
+        scheduled_enqueue_time: datetime | None = None,
+    ) -> int:
+        """Send now (returns 0: Service Bus does not report it) or schedule (returns its sequence number)."""
+        if not message_id:
+            raise ValueError("message_id must be a non-empty string")
+        sender, _ = self._parts()
+        message = ServiceBusMessage(
+            body,
+            message_id=message_id,
+            application_properties=dict(application_properties or {}),  # type: ignore[arg-type]
+            content_type="application/json",
+        )
+        try:
+            if scheduled_enqueue_time is not None:
+                [sequence] = await sender.schedule_messages(message, scheduled_enqueue_time.astimezone(UTC))
+                return sequence
+            await sender.send_messages(message)
+            return 0
+        except ServiceBusError as exc:
+            raise QueueUnavailableError(f"sending to {self.name}: {exc}") from exc
+
+    async def receive(self, max_messages: int = 1, max_wait: float = 1.0) -> Sequence[ReceivedMessage]:
+        """Receive up to max_messages under peek-lock."""
+        _, receiver = self._parts()
+        try:
+            messages = await receiver.receive_messages(max_message_count=max_messages, max_wait_time=max_wait)
+        except ServiceBusError as exc:
+            raise QueueUnavailableError(f"receiving from {self.name}: {exc}") from exc
+        out = []
+        for message in messages:
+            token = str(message.lock_token)
+            self._locked[token] = message
+            out.append(
+                ReceivedMessage(
+                    message_id=_text(message.message_id or ""),
+                    body=_body(message),
+                    lock_token=token,
+                    locked_until=message.locked_until_utc or datetime.now(UTC),
+                    delivery_count=message.delivery_count or 1,
+                    enqueued_time=message.enqueued_time_utc or datetime.now(UTC),
+                    sequence_number=message.sequence_number or 0,
+                    application_properties=_properties(message),
+                )
+            )
+        return out
+
+    def _held(self, message: ReceivedMessage) -> ServiceBusReceivedMessage:
+        held = self._locked.get(message.lock_token)
+        if held is None:
+            raise MessageLockLostError(f"message {message.message_id} is settled or was not received here")
+        return held
+
+    async def _settle(self, message: ReceivedMessage, action: str, **kwargs: Any) -> None:
+        _, receiver = self._parts()
+        held = self._held(message)
+        try:
+            await getattr(receiver, action)(held, **kwargs)
+        except SdkLockLostError as exc:
+            raise MessageLockLostError(str(exc)) from exc
+        except ServiceBusError as exc:
+            raise QueueUnavailableError(f"{action} on {self.name}: {exc}") from exc
+        finally:
+            self._locked.pop(message.lock_token, None)
+
+    async def complete(self, message: ReceivedMessage) -> None:
+        """Remove the message."""
+        await self._settle(message, "complete_message")
+
+    async def abandon(self, message: ReceivedMessage) -> None:
+        """Release the lock for redelivery."""
+        await self._settle(message, "abandon_message")
+
+    async def dead_letter(self, message: ReceivedMessage, reason: str, description: str) -> None:
+        """Move the message to the dead-letter sub-queue with a reason."""
+        await self._settle(message, "dead_letter_message", reason=reason, error_description=description)
+
+    async def renew_lock(self, message: ReceivedMessage) -> datetime:
+        """Extend the lock; MessageLockLostError once it has expired."""
+        _, receiver = self._parts()
+        held = self._held(message)
+        try:
+            return await receiver.renew_message_lock(held)
+        except SdkLockLostError as exc:
+            self._locked.pop(message.lock_token, None)
+            raise MessageLockLostError(str(exc)) from exc
+        except ServiceBusError as exc:
+            raise QueueUnavailableError(f"renewing a lock on {self.name}: {exc}") from exc
+
+    async def peek_dead_letters(
+        self, max_messages: int = 100, from_sequence_number: int = 0
+    ) -> Sequence[DeadLetteredMessage]:
+        """Peek the dead-letter sub-queue without removing anything."""
+        try:
+            async with self.client.get_queue_receiver(self.name, sub_queue=ServiceBusSubQueue.DEAD_LETTER) as dlq:
+                messages = await dlq.peek_messages(max_message_count=max_messages, sequence_number=from_sequence_number)
+        except ServiceBusError as exc:
+            raise QueueUnavailableError(f"peeking the dead-letter queue of {self.name}: {exc}") from exc
+        out = []
+        for message in messages:
+            properties = _properties(message)
+            out.append(
+                DeadLetteredMessage(
+                    message_id=_text(message.message_id or ""),
+                    body=_body(message),
+                    reason=_text(message.dead_letter_reason or properties.get(DEAD_LETTER_REASON, "")),
+                    description=_text(
+                        message.dead_letter_error_description or properties.get(DEAD_LETTER_DESCRIPTION, "")
+                    ),
+                    delivery_count=message.delivery_count or 0,
+                    enqueued_time=message.enqueued_time_utc or datetime.now(UTC),
+                    sequence_number=message.sequence_number or 0,
+                    application_properties=properties,
+                )
+            )
+        return out
+
+    async def depth(self) -> QueueDepth:
+        """Active, scheduled and dead-lettered counts from the queue's runtime properties."""
+        if self.admin is None:
+            raise QueueUnavailableError("no administration client: queue depth is not available")
+        try:
+            props = await self.admin.get_queue_runtime_properties(self.name)
+        except Exception as exc:  # the management API speaks HTTP; its errors are not ServiceBusErrors
+            raise QueueUnavailableError(f"reading runtime properties of {self.name}: {exc}") from exc
+        return QueueDepth(
+            active=props.active_message_count or 0,
+            scheduled=props.scheduled_message_count or 0,
+            dead_letter=props.dead_letter_message_count or 0,
+        )
