@@ -52,6 +52,23 @@ async def open_queue(settings: Settings) -> Queue:
             lock_duration=settings.lock_duration,
             max_delivery_count=settings.max_delivery_count,
         ).open()
+    if settings.queue == "servicebus":
+        from worker.servicebus_queue import ServiceBusQueue
+
+        if settings.servicebus_connection_string:
+            queue = ServiceBusQueue.from_connection_string(settings.servicebus_connection_string, settings.queue_name)
+        elif settings.servicebus_namespace:
+            from azure.identity.aio import DefaultAzureCredential
+
+            queue = ServiceBusQueue.from_namespace(
+                settings.servicebus_namespace, DefaultAzureCredential(), settings.queue_name
+            )
+        else:
+            raise ValueError(
+                "the servicebus queue needs --servicebus-connection-string or --servicebus-namespace "
+                "(EMBEDDING_JOBS_SERVICEBUS_CONNECTION_STRING / EMBEDDING_JOBS_SERVICEBUS_NAMESPACE)"
+            )
+        return await queue.open()
     raise BackendUnavailableError(f"queue backend {settings.queue!r} is not available in this installation")
 
 

@@ -38,6 +38,7 @@ from jobs.telemetry import Outcome
 from worker.consumer import Consumer
 from worker.messages import JobMessage
 from worker.producer import Producer, ingest_shard
+from worker.reconciler import reconcile_dead_letters, reconcile_forever
 from worker.sources import Rejected, read_shards
 from worker.tracing import create_tracer_provider, get_tracer
 from worker.tracker import JobTracker
@@ -102,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--limit", type=int, default=20, help="jobs to show (default 20)")
 
     add("exporter", cmd_exporter, "serve /metrics, the REST API, the status page and /v1/traces", ALL_SECTIONS)
+    add(
+        "reconcile-dlq",
+        cmd_reconcile_dlq,
+        "mark jobs dead_lettered whose messages the queue dead-lettered by itself",
+        ["store", "queue", "worker"],
+    )
     add("recount", cmd_recount, "rebuild per-tenant counters from the job records", ["store"])
     purge = add("purge", cmd_purge, "delete finished jobs older than the retention", ["store"])
     purge.add_argument("--older-than-hours", type=float, help="defaults to --retention-hours")
@@ -233,12 +240,20 @@ async def _work(
         tracer=get_tracer(provider),
         config=consumer_config(settings),
     )
+    reconciler = (
+        asyncio.create_task(reconcile_forever(backends.queue, backends.store, settings.reconcile_interval))
+        if settings.reconcile_interval > 0
+        else None
+    )
     try:
         async with tracker.running():
             run = asyncio.create_task(consumer.run(stop))
             await _watch(consumer, backends, stop, exit_when_idle, out)
             await run
     finally:
+        if reconciler is not None:
+            reconciler.cancel()
+            await asyncio.gather(reconciler, return_exceptions=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await embedder.close()
@@ -298,6 +313,17 @@ async def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     finally:
         await store.close()
+
+
+async def cmd_reconcile_dlq(settings: Settings, args: argparse.Namespace) -> int:
+    """One reconcile pass over the dead-letter queue."""
+    async with open_backends(settings) as backends:
+        result = await reconcile_dead_letters(backends.queue, backends.store)
+    print(
+        f"scanned {result.scanned} dead-lettered message(s): marked {result.marked} job(s) dead_lettered, "
+        f"{result.already_final} already final, {result.unknown} naming no job"
+    )
+    return 0
 
 
 async def cmd_recount(settings: Settings, args: argparse.Namespace) -> int:

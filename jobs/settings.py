@@ -75,6 +75,9 @@ class Settings:
         "seconds in-flight jobs get to finish on SIGTERM; keep below terminationGracePeriodSeconds",
         "worker",
     )
+    reconcile_interval: float = _opt(
+        300.0, "seconds between dead-letter reconcile passes inside the worker (0 turns them off)", "worker"
+    )
     tracking_buffer: int = _opt(10_000, "job-store writes held while the store is down", "worker")
     otlp_endpoint: str = _opt(
         "", "send spans over OTLP/HTTP to this base URL (else OTEL_EXPORTER_OTLP_ENDPOINT)", "worker"
@@ -179,8 +182,8 @@ class Settings:
                 raise ValueError(f"{name} must be positive")
         if self.chunk_overlap_tokens >= self.chunk_max_tokens or self.chunk_overlap_tokens < 0:
             raise ValueError("chunk_overlap_tokens must be between 0 and chunk_max_tokens - 1")
-        if self.drain_timeout < 0 or self.retention_hours < 0:
-            raise ValueError("drain_timeout and retention_hours must not be negative")
+        if self.drain_timeout < 0 or self.retention_hours < 0 or self.reconcile_interval < 0:
+            raise ValueError("drain_timeout, retention_hours and reconcile_interval must not be negative")
 
     def with_changes(self, **changes: Any) -> Self:
         """A copy with some values replaced (validated)."""

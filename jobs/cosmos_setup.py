@@ -1,0 +1,320 @@
+"""Cosmos DB plumbing shared by the Cosmos stores: clients, error mapping, database and containers.
+
+Clients come from `connect`: an account key, or else Microsoft Entra ID
+(DefaultAzureCredential), with the SDK's retry options for throttling set
+explicitly (see THROTTLE_RETRIES). `init_db` creates the database and the
+containers idempotently and is what `embedding-jobs init-db` runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Final
+
+from azure.core.credentials_async import AsyncTokenCredential
+from azure.core.exceptions import (
+    AzureError,
+    ClientAuthenticationError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.cosmos import PartitionKey
+from azure.cosmos.aio import ContainerProxy, CosmosClient, DatabaseProxy
+from azure.cosmos.exceptions import (
+    CosmosClientTimeoutError,
+    CosmosHttpResponseError,
+    CosmosResourceExistsError,
+    CosmosResourceNotFoundError,
+)
+
+from jobs.errors import StoreUnavailableError
+from jobs.settings import Settings
+
+# A throttled (429) request was not executed, so the SDK retries it, reads or writes alike,
+# waiting as long as the service's retry-after asks. These are the SDK defaults, set here
+# so they are visible and tested: 9 retries within 30 s, then StoreUnavailableError.
+THROTTLE_RETRIES: Final = 9
+THROTTLE_MAX_WAIT_SECONDS: Final = 30
+
+DEFAULT_LEASES_CONTAINER: Final = "leases"
+# Statuses that mean "the service cannot serve this now"; the caller may try again later.
+# 401/403 are here too: a store we may not use is unavailable until the credential is fixed.
+_UNAVAILABLE_STATUS: Final = frozenset({401, 403, 408, 429, 449})
+
+ASC: Final = "ascending"
+DESC: Final = "descending"
+
+
+def _composite(*paths: tuple[str, str]) -> list[dict[str, str]]:
+    return [{"path": f"/{name}", "order": order} for name, order in paths]
+
+
+# Each composite index serves one query of jobs/cosmos_store.py. Equality filters lead,
+# and the ORDER BY repeats them, so the index serves filter and order together.
+JOBS_COMPOSITE_INDEXES: Final = [
+    # list(status=...): the design's (tenantId, status, createdAt DESC), plus id for a total order.
+    _composite(("tenantId", ASC), ("status", ASC), ("createdAt", DESC), ("id", DESC)),
+    # list() without a status: job documents of the tenant, newest first.
+    _composite(("tenantId", ASC), ("type", ASC), ("createdAt", DESC), ("id", DESC)),
+    # A shard's jobs, latest first (from the design; for lookups by shard).
+    _composite(("tenantId", ASC), ("shardId", ASC), ("updatedAt", DESC)),
+    # stuck(): status IN (...) AND updatedAt < cutoff, across tenants.
+    _composite(("type", ASC), ("status", ASC), ("updatedAt", ASC)),
+    # purge(): finished jobs with completedAt < cutoff.
+    _composite(("type", ASC), ("status", ASC), ("completedAt", ASC)),
+]
+JOBS_INDEXING_POLICY: Final = {
+    "indexingMode": "consistent",
+    "automatic": True,
+    "includedPaths": [{"path": "/*"}],
+    # Never filtered on: indexing them would only add to the cost of every write.
+    "excludedPaths": [{"path": '/"_etag"/?'}, {"path": "/error/?"}, {"path": "/metadata/*"}],
+    "compositeIndexes": JOBS_COMPOSITE_INDEXES,
+}
+# Shards are only read by id and through the change feed: index just the few scalar fields,
+# never the text or the vectors, which would make every write expensive.
+SHARDS_INDEXING_POLICY: Final = {
+    "indexingMode": "consistent",
+    "automatic": True,
+    "includedPaths": [{"path": "/tenantId/?"}, {"path": "/type/?"}, {"path": "/updatedAt/?"}],
+    "excludedPaths": [{"path": "/*"}],
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerSpec:
+    """How one container must be set up."""
+
+    name: str
+    partition_key: str
+    indexing_policy: Mapping[str, Any] | None = None
+    default_ttl: int | None = None
+
+    @property
+    def composite_indexes(self) -> list[list[dict[str, str]]]:
+        return list((self.indexing_policy or {}).get("compositeIndexes", []))
+
+
+def jobs_container_spec(name: str, retention: timedelta | None) -> ContainerSpec:
+    """The job container: per tenant, composite indexes, TTL on (-1) only when retention is set."""
+    # -1 switches TTL on without expiring anything by default: only finished jobs carry a ttl.
+    return ContainerSpec(name, "/tenantId", JOBS_INDEXING_POLICY, -1 if retention else None)
+
+
+def shards_container_spec(name: str) -> ContainerSpec:
+    """The shard container: per tenant, scalar fields indexed only."""
+    return ContainerSpec(name, "/tenantId", SHARDS_INDEXING_POLICY)
+
+
+def leases_container_spec(name: str) -> ContainerSpec:
+    """The feeder's state: small documents read by id, each its own partition."""
+    return ContainerSpec(name, "/id")
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True for errors that mean the service could not serve the request now (network, timeout, 5xx...)."""
+    if isinstance(exc, ServiceRequestError | ServiceResponseError | CosmosClientTimeoutError):
+        return True
+    if isinstance(exc, ClientAuthenticationError) and not isinstance(exc, CosmosHttpResponseError):
+        return True  # the credential could not get a token
+    if isinstance(exc, CosmosHttpResponseError):
+        status = exc.status_code or 0
+        return status >= 500 or status in _UNAVAILABLE_STATUS
+    return False
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line summary of an SDK error (its messages run to several lines of JSON)."""
+    status = getattr(exc, "status_code", None)
+    text = (getattr(exc, "message", None) or str(exc)).strip().splitlines()
+    first = text[0][:300] if text else ""
+    return f"{type(exc).__name__}{f' {status}' if status else ''}: {first}"
+
+
+@contextmanager
+def unavailable_errors(what: str) -> Iterator[None]:
+    """Turn the SDK's transient errors inside the block into StoreUnavailableError."""
+    try:
+        yield
+    except AzureError as exc:
+        if is_unavailable(exc):
+            raise StoreUnavailableError(f"cosmos: {what}: {describe(exc)}") from exc
+        raise
+
+
+@dataclass(slots=True)
+class CosmosConnection:
+    """An open client, and the credential created for it (closed together)."""
+
+    client: CosmosClient
+    credential: AsyncTokenCredential | None = None
+
+    async def close(self) -> None:
+        """Close the client and any credential made for it."""
+        try:
+            await self.client.close()
+        finally:
+            if self.credential is not None:
+                await self.credential.close()
+
+
+async def connect(
+    endpoint: str, key: str = "", *, credential: AsyncTokenCredential | None = None, **client_options: Any
+) -> CosmosConnection:
+    """Open a client authenticated by key, else credential, else DefaultAzureCredential.
+
+    StoreUnavailableError when the account cannot be reached.
+    """
+    if not endpoint:
+        raise ValueError("set the Cosmos DB endpoint (--cosmos-endpoint or EMBEDDING_JOBS_COSMOS_ENDPOINT)")
+    owned: AsyncTokenCredential | None = None
+    auth: str | AsyncTokenCredential
+    if key:
+        auth = key
+    elif credential is not None:
+        auth = credential
+    else:
+        from azure.identity.aio import DefaultAzureCredential
+
+        auth = owned = DefaultAzureCredential()
+    options: dict[str, Any] = {
+        "retry_total": THROTTLE_RETRIES,
+        "retry_backoff_max": THROTTLE_MAX_WAIT_SECONDS,
+        **client_options,
+    }
+    client = CosmosClient(endpoint, credential=auth, **options)
+    connection = CosmosConnection(client, owned)
+    try:
+        with unavailable_errors(f"connecting to {endpoint}"):
+            # Reads the account (regions, consistency) once, so the first store call is not slower.
+            await client.__aenter__()
+    except BaseException:
+        await connection.close()
+        raise
+    return connection
+
+
+async def ensure_database(client: CosmosClient, name: str) -> tuple[DatabaseProxy, str]:
+    """The database, created if missing, and a line saying which."""
+    with unavailable_errors(f"creating database {name}"):
+        try:
+            database = await client.create_database(name)
+        except CosmosResourceExistsError:
+            return client.get_database_client(name), f"found database {name}"
+    return database, f"created database {name}"
+
+
+def _index_key(index: Sequence[Mapping[str, Any]]) -> tuple[tuple[str, str], ...]:
+    return tuple((str(part["path"]), str(part.get("order", ASC)).lower()) for part in index)
+
+
+async def ensure_container(database: DatabaseProxy, spec: ContainerSpec) -> tuple[ContainerProxy, str]:
+    """The container, created as spec says or brought up to it (indexes added, TTL on); and a line saying which."""
+    policy: Any = dict(spec.indexing_policy) if spec.indexing_policy else None
+    with unavailable_errors(f"creating container {spec.name}"):
+        try:
+            container = await database.create_container(
+                spec.name, PartitionKey(spec.partition_key), indexing_policy=policy, default_ttl=spec.default_ttl
+            )
+            return container, f"created container {spec.name} ({_summary(spec)})"
+        except CosmosResourceExistsError:
+            container = database.get_container_client(spec.name)
+        properties = await container.read()
+    paths = properties.get("partitionKey", {}).get("paths", [])
+    if paths != [spec.partition_key]:
+        raise ValueError(
+            f"container {spec.name} is partitioned on {paths}, not [{spec.partition_key!r}]; "
+            "a partition key cannot be changed in place: use another container name"
+        )
+    current: dict[str, Any] = dict(properties.get("indexingPolicy") or {})
+    have = {_index_key(index) for index in current.get("compositeIndexes", [])}
+    missing = [index for index in spec.composite_indexes if _index_key(index) not in have]
+    ttl_missing = spec.default_ttl is not None and properties.get("defaultTtl") is None
+    if not missing and not ttl_missing:
+        return container, f"found container {spec.name} ({_summary(spec)})"
+    current["compositeIndexes"] = [*current.get("compositeIndexes", []), *missing]
+    with unavailable_errors(f"updating container {spec.name}"):
+        container = await database.replace_container(
+            container,
+            PartitionKey(spec.partition_key),
+            indexing_policy=current,
+            default_ttl=spec.default_ttl if ttl_missing else properties.get("defaultTtl"),
+        )
+    changes = [f"added {len(missing)} composite index(es)"] if missing else []
+    changes += ["turned on per-item TTL"] if ttl_missing else []
+    return container, f"updated container {spec.name}: {', '.join(changes)}"
+
+
+def _summary(spec: ContainerSpec) -> str:
+    ttl = "TTL off" if spec.default_ttl is None else f"default TTL {spec.default_ttl}"
+    return f"partition key {spec.partition_key}, {len(spec.composite_indexes)} composite index(es), {ttl}"
+
+
+async def open_container(
+    client: CosmosClient, database: str, spec: ContainerSpec, *, create: bool
+) -> tuple[ContainerProxy, dict[str, Any]]:
+    """The container and its properties, read once to prove it exists; created first when create is set."""
+    if create:
+        db, _ = await ensure_database(client, database)
+        container, _ = await ensure_container(db, spec)
+    else:
+        container = client.get_database_client(database).get_container_client(spec.name)
+    with unavailable_errors(f"reading container {database}/{spec.name}"):
+        try:
+            # Also caches the container's properties, which every later call needs.
+            properties = dict(await container.read())
+        except CosmosResourceNotFoundError:
+            raise StoreUnavailableError(
+                f"cosmos: container {database}/{spec.name} does not exist; run `embedding-jobs init-db`"
+            ) from None
+    return container, properties
+
+
+async def init_db(
+    client: CosmosClient,
+    database: str,
+    jobs_container: str,
+    shards_container: str,
+    *,
+    retention: timedelta | None,
+    leases_container: str = DEFAULT_LEASES_CONTAINER,
+) -> list[str]:
+    """Create the database and the job, shard and feeder-lease containers if missing; say what was done."""
+    db, line = await ensure_database(client, database)
+    lines = [line]
+    for spec in (
+        jobs_container_spec(jobs_container, retention),
+        shards_container_spec(shards_container),
+        leases_container_spec(leases_container),
+    ):
+        _, line = await ensure_container(db, spec)
+        lines.append(line)
+    return lines
+
+
+def retention_of(settings: Settings) -> timedelta | None:
+    """settings.retention_hours as a timedelta, None when finished jobs are kept."""
+    return timedelta(hours=settings.retention_hours) if settings.retention_hours > 0 else None
+
+
+async def connect_from(settings: Settings) -> CosmosConnection:
+    """A connection to the account the settings name."""
+    return await connect(settings.cosmos_endpoint, settings.cosmos_key)
+
+
+async def run_init_db(settings: Settings) -> list[str]:
+    """`embedding-jobs init-db`: set up the database and containers the settings name."""
+    connection = await connect_from(settings)
+    try:
+        return await init_db(
+            connection.client,
+            settings.cosmos_database,
+            settings.cosmos_container,
+            settings.cosmos_shards_container,
+            retention=retention_of(settings),
+        )
+    finally:
+        await connection.close()
