@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from jobs.settings import Settings
 from jobs.sqlite_store import SQLiteJobStore
@@ -14,6 +15,9 @@ from worker.embedders import Embedder, create_embedder
 from worker.local_queue import LocalQueue
 from worker.queue import Queue
 from worker.shards import ShardStore, SQLiteShardStore
+
+if TYPE_CHECKING:
+    from azure.cosmos.aio import CosmosClient
 
 
 class BackendUnavailableError(RuntimeError):
@@ -29,18 +33,47 @@ class Backends:
     queue: Queue
 
 
-async def open_job_store(settings: Settings) -> JobStore:
-    """The job store of settings.store."""
+async def open_job_store(settings: Settings, client: CosmosClient | None = None) -> JobStore:
+    """The job store of settings.store (on client, when given, for Cosmos)."""
     if settings.store == "sqlite":
         return await SQLiteJobStore.open(settings.sqlite_path)
+    if settings.store == "cosmos":
+        from jobs.cosmos_setup import retention_of
+        from jobs.cosmos_store import CosmosJobStore
+
+        _require_cosmos(settings)
+        return await CosmosJobStore.open(
+            endpoint=settings.cosmos_endpoint,
+            key=settings.cosmos_key,
+            client=client,
+            database=settings.cosmos_database,
+            container=settings.cosmos_container,
+            retention=retention_of(settings),
+        )
     raise BackendUnavailableError(f"store backend {settings.store!r} is not available in this installation")
 
 
-async def open_shard_store(settings: Settings) -> ShardStore:
+async def open_shard_store(settings: Settings, client: CosmosClient | None = None) -> ShardStore:
     """The shard store that goes with settings.store."""
     if settings.store == "sqlite":
         return await SQLiteShardStore.open(settings.sqlite_path)
+    if settings.store == "cosmos":
+        from worker.cosmos_shards import CosmosShardStore
+
+        _require_cosmos(settings)
+        return await CosmosShardStore.open(
+            endpoint=settings.cosmos_endpoint,
+            key=settings.cosmos_key,
+            client=client,
+            database=settings.cosmos_database,
+            container=settings.cosmos_shards_container,
+        )
     raise BackendUnavailableError(f"shard store for {settings.store!r} is not available in this installation")
+
+
+def _require_cosmos(settings: Settings) -> None:
+    if not settings.cosmos_endpoint:
+        raise ValueError("the cosmos store needs --cosmos-endpoint (EMBEDDING_JOBS_COSMOS_ENDPOINT)")
 
 
 async def open_queue(settings: Settings) -> Queue:
@@ -109,9 +142,18 @@ def consumer_config(settings: Settings) -> ConsumerConfig:
 async def open_backends(settings: Settings) -> AsyncIterator[Backends]:
     """Open store, shard store and queue; close them all on exit."""
     async with AsyncExitStack() as stack:
-        store = await open_job_store(settings)
+        client = None
+        if settings.store == "cosmos":
+            from jobs.cosmos_setup import connect_from
+
+            _require_cosmos(settings)
+            # One client (one connection pool) shared by the job and shard stores.
+            connection = await connect_from(settings)
+            stack.push_async_callback(connection.close)
+            client = connection.client
+        store = await open_job_store(settings, client)
         stack.push_async_callback(store.close)
-        shards = await open_shard_store(settings)
+        shards = await open_shard_store(settings, client)
         stack.push_async_callback(shards.close)
         queue = await open_queue(settings)
         stack.push_async_callback(queue.close)

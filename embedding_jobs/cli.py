@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--status", choices=[s.value for s in JobStatus], help="only jobs in this status")
     jobs.add_argument("--limit", type=int, default=20, help="jobs to show (default 20)")
 
+    add("init-db", cmd_init_db, "create the Cosmos DB database and containers (idempotent)", ["store"])
+    feeder = add("feeder", cmd_feeder, "enqueue a job for every new or changed shard in the shard store", ALL_SECTIONS)
+    feeder.add_argument("--poll-interval", type=float, default=1.0, help="seconds between change reads (1)")
     add("exporter", cmd_exporter, "serve /metrics, the REST API, the status page and /v1/traces", ALL_SECTIONS)
     add(
         "reconcile-dlq",
@@ -313,6 +316,40 @@ async def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     finally:
         await store.close()
+
+
+async def cmd_init_db(settings: Settings, args: argparse.Namespace) -> int:
+    """Create or check the Cosmos DB database and containers."""
+    if settings.store != "cosmos":
+        raise ValueError("init-db sets up Cosmos DB: pass --store cosmos (the SQLite file sets itself up)")
+    from jobs.cosmos_setup import run_init_db
+
+    for line in await run_init_db(settings):
+        print(line)
+    return 0
+
+
+async def cmd_feeder(settings: Settings, args: argparse.Namespace) -> int:
+    """Follow the shard store's changes until SIGTERM/SIGINT."""
+    from worker.feeder import run_feeder
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    provider = create_tracer_provider("embedding-jobs-feeder", settings.otlp_endpoint)
+    try:
+        async with open_backends(settings) as backends:
+            totals = await run_feeder(
+                settings,
+                Producer(backends.store, backends.queue, get_tracer(provider)),
+                stop,
+                interval=args.poll_interval,
+            )
+    finally:
+        provider.shutdown()
+    print(f"feeder stopped: {totals}", file=sys.stderr)
+    return 0
 
 
 async def cmd_reconcile_dlq(settings: Settings, args: argparse.Namespace) -> int:

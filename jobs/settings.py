@@ -39,6 +39,7 @@ class Settings:
     cosmos_database: str = _opt("embedding-jobs", "Cosmos DB database", "store")
     cosmos_container: str = _opt("embedding-jobs", "Cosmos DB container of job records", "store")
     cosmos_shards_container: str = _opt("shards", "Cosmos DB container of shards", "store")
+    cosmos_leases_container: str = _opt("leases", "Cosmos DB container of the feeder's position", "store")
     retention_hours: float = _opt(0.0, "delete finished jobs older than this (0 keeps them)", "store")
 
     # queue

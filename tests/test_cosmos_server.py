@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 import pytest
@@ -17,22 +17,10 @@ from azure.cosmos import PartitionKey
 from azure.cosmos.aio import ContainerProxy, CosmosClient
 from azure.cosmos.exceptions import CosmosBatchOperationError, CosmosResourceNotFoundError
 
-from tests.components import missing
-from tests.cosmos_server import CosmosServer, CosmosServerUnavailable, cosmos_client, start_cosmos_server
+from tests.cosmos_server import CosmosServer, cosmos_client
 
 TENANT = "tenant-a"
 OTHER_TENANT = "tenant-b"
-
-
-@pytest.fixture(scope="session")
-def cosmos_server() -> Iterator[CosmosServer]:
-    """One server for the session; each test gets its own database."""
-    try:
-        server = start_cosmos_server()
-    except CosmosServerUnavailable as exc:
-        missing(str(exc))
-    with server:
-        yield server
 
 
 @pytest.fixture

@@ -1,0 +1,79 @@
+"""The command line on Cosmos DB: init-db, up and the feeder, as an operator runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import CosmosDatabase
+from tests.test_cli import cli_env, run_cli
+from worker.shards import Shard, SQLiteShardStore
+
+
+def cosmos_env(db: CosmosDatabase) -> dict[str, str]:
+    return {
+        "EMBEDDING_JOBS_STORE": "cosmos",
+        "EMBEDDING_JOBS_COSMOS_ENDPOINT": db.server.endpoint,
+        "EMBEDDING_JOBS_COSMOS_KEY": db.server.key,
+        "EMBEDDING_JOBS_COSMOS_DATABASE": db.name,
+    }
+
+
+def test_init_db_creates_then_finds_the_containers(tmp_path: Path, cosmos_db: CosmosDatabase) -> None:
+    first = run_cli(tmp_path, "init-db", **cosmos_env(cosmos_db))
+    assert first.returncode == 0, first.stderr
+    assert "created" in first.stdout
+    assert "embedding-jobs" in first.stdout
+    second = run_cli(tmp_path, "init-db", **cosmos_env(cosmos_db))
+    assert second.returncode == 0, second.stderr
+    assert "created" not in second.stdout
+    assert cosmos_db.server.key not in first.stdout + first.stderr + second.stdout + second.stderr
+
+
+def test_up_runs_the_sample_corpus_on_cosmos(tmp_path: Path, cosmos_db: CosmosDatabase) -> None:
+    assert run_cli(tmp_path, "init-db", **cosmos_env(cosmos_db)).returncode == 0
+    result = run_cli(tmp_path, "up", "--exit-when-idle", "--exporter-port", "0", **cosmos_env(cosmos_db))
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.strip().splitlines()[1:]}
+    assert rows == {tenant: ["0", "0", "15", "0", "0"] for tenant in ("acme", "globex", "initech")}
+    stats = run_cli(tmp_path, "jobs", "stats", "--tenant", "acme", **cosmos_env(cosmos_db))
+    assert json.loads(stats.stdout) == {
+        "acme": {"pending": 0, "processing": 0, "completed": 15, "failed": 0, "dead_lettered": 0}
+    }
+
+
+async def test_feeder_enqueues_shards_written_to_the_local_store(tmp_path: Path) -> None:
+    shards = await SQLiteShardStore.open(tmp_path / "embedding-jobs.db")
+    for n in range(3):
+        await shards.put(Shard(tenant_id="acme", id=f"s{n}", shard_type_id="document", text=f"text {n}"))
+    await shards.close()
+    feeder = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "embedding_jobs",
+        "feeder",
+        "--poll-interval",
+        "0.05",
+        env=cli_env(tmp_path),
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            listed = run_cli(tmp_path, "jobs", "list", "--tenant", "acme")
+            if len(listed.stdout.splitlines()) == 3:
+                break
+            assert time.monotonic() < deadline, listed.stderr
+            await asyncio.sleep(0.05)
+    finally:
+        feeder.terminate()
+        _, err = await asyncio.wait_for(feeder.communicate(), 20)
+    assert feeder.returncode == 0, err.decode()
+    work = run_cli(tmp_path, "worker", "--exit-when-idle")
+    assert work.returncode == 0, work.stderr
+    final = run_cli(tmp_path, "jobs", "stats", "--tenant", "acme")
+    assert json.loads(final.stdout)["acme"]["completed"] == 3

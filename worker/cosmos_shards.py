@@ -1,0 +1,406 @@
+"""Shards on Cosmos DB: the ShardStore, and the shards container's change feed for the feeder.
+
+The shards container is partitioned on /tenantId. A shard is one document
+(id = shard id, `type: "shard"`, shardTypeId, text, contentHash, updatedAt).
+Its vectors live beside it, not on it: saving vectors then never rewrites the
+shard's text (nor re-emits the shard through the change feed), and reading a
+shard costs the size of its text only. Vectors are float32 little-endian in
+base64 (about 8 KB per 1536-dimension vector), packed into pages of at most
+PAGE_BYTES so that no document nears the 2 MB item limit: the manifest
+`vectors:<shard id>` carries the first page, further pages are
+`vectors:<shard id>:<generation>:<n>`. A save writes the new generation's extra
+pages, then the manifest (the switch), then deletes the old generation's pages,
+so a reader never mixes two saves. Shard ids cannot contain ':', so these ids
+never collide with a shard's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import sys
+import uuid
+from array import array
+from collections.abc import Sequence
+from typing import Any, Final, Self, cast
+
+from azure.core.async_paging import AsyncPageIterator
+from azure.core.credentials_async import AsyncTokenCredential
+from azure.cosmos.aio import ContainerProxy, CosmosClient
+from azure.cosmos.exceptions import CosmosResourceNotFoundError
+
+from jobs.cosmos_setup import (
+    DEFAULT_LEASES_CONTAINER,
+    CosmosConnection,
+    connect,
+    leases_container_spec,
+    open_container,
+    shards_container_spec,
+    unavailable_errors,
+)
+from jobs.errors import JobError, StoreUnavailableError
+from jobs.model import format_time, parse_time, validate_id, validate_tenant_id
+from worker.feeder import DEFAULT_FEEDER_NAME, ChangePage
+from worker.shards import Shard, ShardNotFoundError, ShardVectors
+
+log = logging.getLogger(__name__)
+
+SHARD_TYPE: Final = "shard"
+VECTORS_TYPE: Final = "vectors"
+VECTOR_PAGE_TYPE: Final = "vectorPage"
+DEFAULT_DATABASE: Final = "embedding-jobs"
+DEFAULT_CONTAINER: Final = "shards"
+# Cosmos DB refuses items over 2 MB (system properties included); a page stays well below.
+MAX_ITEM_BYTES: Final = 2 * 1024 * 1024 - 16 * 1024
+PAGE_BYTES: Final = 1024 * 1024
+_READ_ATTEMPTS: Final = 3
+
+
+def encode_vector(vector: Sequence[float]) -> str:
+    """float32 little-endian, base64."""
+    values = array("f", vector)
+    if sys.byteorder == "big":
+        values.byteswap()
+    return base64.b64encode(values.tobytes()).decode("ascii")
+
+
+def decode_vector(text: str) -> list[float]:
+    """The inverse of encode_vector."""
+    values = array("f", base64.b64decode(text))
+    if sys.byteorder == "big":
+        values.byteswap()
+    return values.tolist()
+
+
+def paginate(chunks: Sequence[str], vectors: Sequence[Sequence[float]]) -> list[tuple[list[str], list[str]]]:
+    """(chunks, encoded vectors) pages of at most PAGE_BYTES each, in order."""
+    pages: list[tuple[list[str], list[str]]] = [([], [])]
+    size = 0
+    for chunk, vector in zip(chunks, vectors, strict=True):
+        encoded = encode_vector(vector)
+        # json.dumps measures the text as the SDK sends it, escapes included.
+        cost = len(json.dumps(chunk)) + len(encoded) + 8
+        if cost > PAGE_BYTES:
+            raise ValueError(f"one chunk and its vector take {cost} bytes; at most {PAGE_BYTES} fit a document")
+        if size + cost > PAGE_BYTES and pages[-1][0]:
+            pages.append(([], []))
+            size = 0
+        pages[-1][0].append(chunk)
+        pages[-1][1].append(encoded)
+        size += cost
+    return pages
+
+
+def _manifest_id(shard_id: str) -> str:
+    return f"vectors:{shard_id}"
+
+
+def _page_id(shard_id: str, generation: str, n: int) -> str:
+    return f"vectors:{shard_id}:{generation}:{n}"
+
+
+def shard_from_doc(doc: dict[str, Any]) -> Shard:
+    """The Shard a shard document holds (JobError or KeyError if malformed)."""
+    return Shard(
+        tenant_id=doc["tenantId"],
+        id=doc["id"],
+        shard_type_id=doc["shardTypeId"],
+        text=doc["text"],
+        content_hash=doc.get("contentHash") or "",
+        updated_at=parse_time(doc["updatedAt"]),
+    )
+
+
+class CosmosShardStore:
+    """ShardStore on the shards container; vectors in sibling documents."""
+
+    def __init__(self, container: ContainerProxy, *, connection: CosmosConnection | None = None) -> None:
+        self.container = container
+        self._connection = connection
+        self.round_trips = 0
+
+    @classmethod
+    async def open(
+        cls,
+        *,
+        endpoint: str = "",
+        key: str = "",
+        credential: AsyncTokenCredential | None = None,
+        client: CosmosClient | None = None,
+        database: str = DEFAULT_DATABASE,
+        container: str = DEFAULT_CONTAINER,
+        create_if_missing: bool = False,
+    ) -> Self:
+        """Open the store on client, or on a client for endpoint (key, else credential or DefaultAzureCredential)."""
+        connection = None
+        if client is None:
+            connection = await connect(endpoint, key, credential=credential)
+            client = connection.client
+        try:
+            proxy, _ = await open_container(
+                client, database, shards_container_spec(container), create=create_if_missing
+            )
+        except BaseException:
+            if connection is not None:
+                await connection.close()
+            raise
+        return cls(proxy, connection=connection)
+
+    async def close(self) -> None:
+        """Close the client if this store opened it."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.close()
+
+    def _count(self, _response: object) -> None:
+        self.round_trips += 1
+
+    async def _read(self, tenant_id: str, item_id: str) -> dict[str, Any] | None:
+        try:
+            with unavailable_errors(f"read {item_id}"):
+                return dict(
+                    await self.container.read_item(item_id, partition_key=tenant_id, raw_response_hook=self._count)
+                )
+        except CosmosResourceNotFoundError:
+            return None
+
+    async def _upsert(self, doc: dict[str, Any]) -> None:
+        with unavailable_errors(f"write {doc['id']}"):
+            await self.container.upsert_item(doc, raw_response_hook=self._count)
+
+    async def put(self, shard: Shard) -> bool:
+        """Upsert the shard unless its stored content hash is the same; True when written."""
+        doc = {
+            "id": shard.id,
+            "tenantId": shard.tenant_id,
+            "type": SHARD_TYPE,
+            "shardTypeId": shard.shard_type_id,
+            "text": shard.text,
+            "contentHash": shard.content_hash,
+            "updatedAt": format_time(shard.updated_at),
+        }
+        size = len(json.dumps(doc))
+        if size > MAX_ITEM_BYTES:
+            raise ValueError(f"shard {shard.id} is {size} bytes as a document; Cosmos DB items hold at most 2 MB")
+        stored = await self._read(shard.tenant_id, shard.id)
+        if stored is not None and stored.get("contentHash") == shard.content_hash:
+            return False
+        await self._upsert(doc)
+        return True
+
+    async def get(self, tenant_id: str, shard_id: str) -> Shard:
+        """Point read of the shard; ShardNotFoundError if missing."""
+        validate_tenant_id(tenant_id)
+        try:
+            validate_id(shard_id, "shard id")
+        except JobError:
+            raise ShardNotFoundError(f"shard {shard_id!r} not found in tenant {tenant_id!r}") from None
+        doc = await self._read(tenant_id, shard_id)
+        if doc is None or doc.get("type") != SHARD_TYPE:
+            raise ShardNotFoundError(f"shard {shard_id!r} not found in tenant {tenant_id!r}")
+        return shard_from_doc(doc)
+
+    async def save_vectors(self, tenant_id: str, shard_id: str, vectors: ShardVectors) -> None:
+        """Replace the shard's vectors: new pages, then the manifest, then the old pages go."""
+        validate_tenant_id(tenant_id)
+        pages = paginate(vectors.chunks, vectors.vectors)
+        generation = uuid.uuid4().hex[:12]
+        old = await self._read(tenant_id, _manifest_id(shard_id))
+        for n, (chunks, encoded) in enumerate(pages[1:], start=1):
+            await self._upsert(
+                {
+                    "id": _page_id(shard_id, generation, n),
+                    "tenantId": tenant_id,
+                    "type": VECTOR_PAGE_TYPE,
+                    "shardId": shard_id,
+                    "chunks": chunks,
+                    "vectors": encoded,
+                }
+            )
+        await self._upsert(
+            {
+                "id": _manifest_id(shard_id),
+                "tenantId": tenant_id,
+                "type": VECTORS_TYPE,
+                "shardId": shard_id,
+                "model": vectors.model,
+                "contentHash": vectors.content_hash,
+                "generation": generation,
+                "pageCount": len(pages),
+                "chunks": pages[0][0],
+                "vectors": pages[0][1],
+            }
+        )
+        if old is not None:
+            for n in range(1, int(old.get("pageCount", 1))):
+                try:
+                    with unavailable_errors("delete vector page"):
+                        await self.container.delete_item(
+                            _page_id(shard_id, old["generation"], n),
+                            partition_key=tenant_id,
+                            raw_response_hook=self._count,
+                        )
+                except CosmosResourceNotFoundError:
+                    pass
+
+    async def get_vectors(self, tenant_id: str, shard_id: str) -> ShardVectors | None:
+        """The saved vectors in chunk order, or None before the first save."""
+        validate_tenant_id(tenant_id)
+        for _ in range(_READ_ATTEMPTS):
+            manifest = await self._read(tenant_id, _manifest_id(shard_id))
+            if manifest is None:
+                return None
+            ids = [_page_id(shard_id, manifest["generation"], n) for n in range(1, int(manifest["pageCount"]))]
+            extra = await asyncio.gather(*(self._read(tenant_id, page_id) for page_id in ids))
+            if any(page is None for page in extra):
+                continue  # a newer save replaced these pages between the two reads
+            pages = [manifest, *cast(list[dict[str, Any]], extra)]
+            return ShardVectors(
+                model=manifest["model"],
+                content_hash=manifest["contentHash"],
+                chunks=[chunk for page in pages for chunk in page["chunks"]],
+                vectors=[decode_vector(text) for page in pages for text in page["vectors"]],
+            )
+        raise StoreUnavailableError(f"the vectors of shard {shard_id} kept changing while being read")
+
+
+_UNREAD: Final = object()
+
+
+class CosmosShardFeed:
+    """The shards container's change feed; position and enqueued hashes in the leases container."""
+
+    def __init__(
+        self,
+        shards: ContainerProxy,
+        leases: ContainerProxy,
+        *,
+        name: str = DEFAULT_FEEDER_NAME,
+        connection: CosmosConnection | None = None,
+    ) -> None:
+        self.shards = shards
+        self.leases = leases
+        self.name = name
+        self._connection = connection
+        self._position: object = _UNREAD
+        self.round_trips = 0
+
+    @classmethod
+    async def open(
+        cls,
+        *,
+        endpoint: str = "",
+        key: str = "",
+        credential: AsyncTokenCredential | None = None,
+        client: CosmosClient | None = None,
+        database: str = DEFAULT_DATABASE,
+        shards_container: str = DEFAULT_CONTAINER,
+        leases_container: str = DEFAULT_LEASES_CONTAINER,
+        name: str = DEFAULT_FEEDER_NAME,
+        create_if_missing: bool = False,
+    ) -> Self:
+        """Open the feed named name on client, or on a client for endpoint."""
+        connection = None
+        if client is None:
+            connection = await connect(endpoint, key, credential=credential)
+            client = connection.client
+        try:
+            shards, _ = await open_container(
+                client, database, shards_container_spec(shards_container), create=create_if_missing
+            )
+            leases, _ = await open_container(
+                client, database, leases_container_spec(leases_container), create=create_if_missing
+            )
+        except BaseException:
+            if connection is not None:
+                await connection.close()
+            raise
+        return cls(shards, leases, name=name, connection=connection)
+
+    async def close(self) -> None:
+        """Close the client if this feed opened it."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.close()
+
+    def _count(self, _response: object) -> None:
+        self.round_trips += 1
+
+    async def _lease(self, lease_id: str) -> dict[str, Any] | None:
+        try:
+            with unavailable_errors("read feeder lease"):
+                return dict(
+                    await self.leases.read_item(lease_id, partition_key=lease_id, raw_response_hook=self._count)
+                )
+        except CosmosResourceNotFoundError:
+            return None
+
+    async def _put_lease(self, doc: dict[str, Any]) -> None:
+        with unavailable_errors("write feeder lease"):
+            await self.leases.upsert_item(doc, raw_response_hook=self._count)
+
+    @property
+    def _position_id(self) -> str:
+        return f"{self.name}:position"
+
+    async def read(self, max_items: int) -> ChangePage:
+        """The next page of the change feed after the persisted continuation (from the beginning at first)."""
+        if self._position is _UNREAD:
+            lease = await self._lease(self._position_id)
+            self._position = None if lease is None else lease["continuation"]
+        options: dict[str, Any] = {"max_item_count": max_items}
+        if isinstance(self._position, str):
+            options["continuation"] = self._position
+        else:
+            options["start_time"] = "Beginning"
+        with unavailable_errors("read the change feed"):
+            pages = cast(
+                AsyncPageIterator[Any],
+                self.shards.query_items_change_feed(raw_response_hook=self._count, **options).by_page(),
+            )
+            try:
+                page = await anext(pages)
+            except StopAsyncIteration:
+                return ChangePage((), None)
+            docs = [doc async for doc in page]
+            position = pages.continuation_token
+        if not docs:
+            return ChangePage((), None)
+        if not position:
+            # Going on without a position would re-read these changes forever: say so instead.
+            raise StoreUnavailableError("cosmos: the change feed returned changes without a continuation")
+        shards = []
+        for doc in docs:
+            # Vector documents share the container; only shard documents make jobs.
+            if doc.get("type") == SHARD_TYPE:
+                try:
+                    shards.append(shard_from_doc(doc))
+                except (JobError, KeyError) as exc:
+                    log.warning("skipping malformed shard %s: %s", doc.get("id"), exc)
+        return ChangePage(shards, position)
+
+    def _hash_id(self, tenant_id: str, shard_id: str) -> str:
+        return f"{self.name}:{tenant_id}:{shard_id}"
+
+    async def enqueued_hash(self, tenant_id: str, shard_id: str) -> str | None:
+        """The hash last enqueued for the shard: a point read in the leases container."""
+        lease = await self._lease(self._hash_id(tenant_id, shard_id))
+        return None if lease is None else str(lease["contentHash"])
+
+    async def record(self, shard: Shard) -> None:
+        """Remember the shard's hash as enqueued."""
+        await self._put_lease(
+            {
+                "id": self._hash_id(shard.tenant_id, shard.id),
+                "tenantId": shard.tenant_id,
+                "shardId": shard.id,
+                "contentHash": shard.content_hash,
+            }
+        )
+
+    async def advance(self, position: str) -> None:
+        """Persist the change feed continuation."""
+        await self._put_lease({"id": self._position_id, "continuation": position})
+        self._position = position
