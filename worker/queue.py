@@ -28,7 +28,7 @@ class ReceivedMessage:
     body: bytes
     lock_token: str
     locked_until: datetime
-    # 1 on the first delivery, as Service Bus counts.
+    # 1 on the first delivery (this one included).
     delivery_count: int
     enqueued_time: datetime
     sequence_number: int

@@ -151,7 +151,8 @@ class ServiceBusQueue:
                     body=_body(message),
                     lock_token=token,
                     locked_until=message.locked_until_utc or datetime.now(UTC),
-                    delivery_count=message.delivery_count or 1,
+                    # The SDK reports prior deliveries (0 at first); the protocol counts this one too.
+                    delivery_count=(message.delivery_count or 0) + 1,
                     enqueued_time=message.enqueued_time_utc or datetime.now(UTC),
                     sequence_number=message.sequence_number or 0,
                     application_properties=_properties(message),
