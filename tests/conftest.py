@@ -1,4 +1,4 @@
-"""Shared fixtures: every JobStore backend behind one parametrised `store` fixture, and the Cosmos DB test server."""
+"""Shared fixtures: every JobStore backend behind one `store` fixture; the Cosmos and Service Bus test peers."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from jobs.sqlite_store import SQLiteJobStore
 from jobs.store import JobStore
 from tests.components import missing
 from tests.cosmos_server import CosmosServer, CosmosServerUnavailable, cosmos_client, start_cosmos_server
+from tests.servicebus_peer import ServiceBusPeer
 
 STORE_BACKENDS = ["sqlite", "cosmos"]
 
@@ -28,6 +29,14 @@ def cosmos_server() -> Iterator[CosmosServer]:
         missing(str(exc))
     with server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def servicebus_peer() -> Iterator[ServiceBusPeer]:
+    """One Service Bus test peer for the session; tests isolate themselves by queue name."""
+    with ServiceBusPeer() as peer:
+        yield peer
+    assert peer.errors == [], peer.errors
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+import sqlite3
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from azure.servicebus.aio import ServiceBusClient
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -20,12 +24,14 @@ from jobs.model import Job, JobStatus
 from jobs.sqlite_store import SQLiteJobStore
 from jobs.store import JobStore
 from jobs.telemetry import JOB_SPAN
+from tests.servicebus_peer import ServiceBusPeer
 from worker.consumer import Consumer, ConsumerConfig
 from worker.embedders.hashing import HashingEmbedder
 from worker.errors import PermanentError, RetryableError
 from worker.local_queue import LocalQueue
 from worker.producer import Producer, ingest_shard
-from worker.queue import Queue
+from worker.queue import Queue, QueueDepth
+from worker.servicebus_queue import ServiceBusQueue
 from worker.shards import Shard, SQLiteShardStore
 from worker.tracing import get_tracer
 from worker.tracker import JobTracker
@@ -99,12 +105,14 @@ class Pipeline:
     store: SQLiteJobStore
     outage: OutageStore
     shards: SQLiteShardStore
-    queue: LocalQueue
+    queue: Queue
     tracker: JobTracker
     consumer: Consumer
     producer: Producer
     embedder: FaultyEmbedder
     spans: InMemorySpanExporter
+    depth: Callable[[], Awaitable[QueueDepth]]
+    expire_locks: Callable[[], Awaitable[None]]
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
 
@@ -136,7 +144,7 @@ class Pipeline:
 
     async def wait_idle(self) -> None:
         async def idle() -> bool:
-            depth = await self.queue.depth()
+            depth = await self.depth()
             return depth.active == 0 and depth.scheduled == 0 and self.consumer.in_flight == 0
 
         await self.wait_until(idle, "the queue to drain")
@@ -145,20 +153,65 @@ class Pipeline:
         return [s for s in self.spans.get_finished_spans() if s.name == JOB_SPAN]
 
 
+QUEUE_KINDS = ["local", "servicebus"]
+
+
+@asynccontextmanager
+async def _local_queue(db: Path, lock_duration: float) -> AsyncIterator[tuple[Queue, Any, Any]]:
+    queue = await LocalQueue(db, lock_duration=lock_duration, max_delivery_count=5).open()
+
+    async def expire() -> None:
+        # Every current lock runs out now, as if the worker had stalled past its lock duration.
+        def run() -> None:
+            with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+                conn.execute("UPDATE queue_messages SET visible_at = 0 WHERE lock_token IS NOT NULL")
+
+        await asyncio.to_thread(run)
+
+    try:
+        yield queue, queue.depth, expire
+    finally:
+        await queue.close()
+
+
+@asynccontextmanager
+async def _servicebus_queue(peer: ServiceBusPeer, lock_duration: float) -> AsyncIterator[tuple[Queue, Any, Any]]:
+    name = f"q-{uuid.uuid4().hex[:12]}"
+    peer.create_queue(name, lock_duration=lock_duration, max_delivery_count=5)
+    client = ServiceBusClient.from_connection_string(peer.connection_string, retry_backoff_factor=0.01)
+    queue = await ServiceBusQueue(client, name).open()
+
+    async def depth() -> QueueDepth:
+        # Counted by the peer: the adapter's own depth() needs the management endpoint.
+        return QueueDepth(
+            active=peer.active_count(name) + peer.locked_count(name),
+            scheduled=peer.scheduled_count(name),
+            dead_letter=peer.dead_letter_count(name),
+        )
+
+    async def expire() -> None:
+        peer.expire_locks(name)
+
+    try:
+        yield queue, depth, expire
+    finally:
+        await queue.close()
+
+
 @asynccontextmanager
 async def pipeline(
     tmp_path: Path,
     *,
     config: ConsumerConfig | None = None,
     lock_duration: float = 5.0,
-    queue: Queue | None = None,
+    queue_kind: str = "local",
+    peer: ServiceBusPeer | None = None,
     processors: Sequence[SpanProcessor] = (),
 ) -> AsyncIterator[Pipeline]:
-    """A pipeline on a fresh SQLite file; the consumer is stopped and everything closed on exit."""
+    """A pipeline on a fresh SQLite file and the chosen queue; everything is stopped and closed on exit."""
     db = tmp_path / "pipeline.db"
     store = await SQLiteJobStore.open(db)
     shards = await SQLiteShardStore.open(db)
-    local = await LocalQueue(db, lock_duration=lock_duration, max_delivery_count=5).open()
     spans = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(spans))
@@ -168,39 +221,45 @@ async def pipeline(
     outage = OutageStore(store)
     tracker = JobTracker(outage, retry_initial=0.02, retry_max=0.1)
     embedder = FaultyEmbedder()
-    used_queue: Any = queue or local
-    consumer = Consumer(
-        queue=used_queue,
-        tracker=tracker,
-        shards=shards,
-        embedder=embedder,
-        tracer=tracer,
-        config=config
-        or ConsumerConfig(concurrency=4, max_attempts=3, backoff_base=0.05, backoff_max=0.2, receive_wait=0.1),
-        rng=random.Random(1),
-    )
-    p = Pipeline(
-        store=store,
-        outage=outage,
-        shards=shards,
-        queue=local,
-        tracker=tracker,
-        consumer=consumer,
-        producer=Producer(store, used_queue, tracer),
-        embedder=embedder,
-        spans=spans,
-    )
+    if queue_kind == "servicebus":
+        assert peer is not None, "the servicebus pipeline needs the servicebus_peer fixture"
+        opened = _servicebus_queue(peer, lock_duration)
+    else:
+        opened = _local_queue(db, lock_duration)
     try:
-        async with tracker.running():
-            try:
-                yield p
-            finally:
-                p.stop.set()
-                p.embedder.release.set()
-                if p.task is not None:
-                    await p.task
+        async with opened as (queue, depth, expire):
+            consumer = Consumer(
+                queue=queue,
+                tracker=tracker,
+                shards=shards,
+                embedder=embedder,
+                tracer=tracer,
+                config=config
+                or ConsumerConfig(concurrency=4, max_attempts=3, backoff_base=0.05, backoff_max=0.2, receive_wait=0.1),
+                rng=random.Random(1),
+            )
+            p = Pipeline(
+                store=store,
+                outage=outage,
+                shards=shards,
+                queue=queue,
+                tracker=tracker,
+                consumer=consumer,
+                producer=Producer(store, queue, tracer),
+                embedder=embedder,
+                spans=spans,
+                depth=depth,
+                expire_locks=expire,
+            )
+            async with tracker.running():
+                try:
+                    yield p
+                finally:
+                    p.stop.set()
+                    p.embedder.release.set()
+                    if p.task is not None:
+                        await p.task
     finally:
-        await local.close()
         await shards.close()
         await store.close()
         provider.shutdown()

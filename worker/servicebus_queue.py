@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, Self
 
 from azure.core.credentials_async import AsyncTokenCredential
+from azure.core.exceptions import AzureError
 from azure.servicebus import ServiceBusMessage, ServiceBusReceivedMessage, ServiceBusSubQueue
 from azure.servicebus.aio import ServiceBusClient, ServiceBusReceiver, ServiceBusSender
 from azure.servicebus.aio.management import ServiceBusAdministrationClient
@@ -49,6 +50,28 @@ def _body(message: ServiceBusReceivedMessage) -> bytes:
     return b"".join(bytes(part) for part in body)
 
 
+def _checked_endpoint(endpoint: str) -> str:
+    """An administration endpoint as the SDK takes it: ``host`` or ``host:port``, always spoken to over HTTPS."""
+    if not endpoint or "/" in endpoint:
+        raise ValueError(f"admin_endpoint must be host or host:port, not {endpoint!r}")
+    return endpoint
+
+
+def _with_endpoint(connection_string: str, endpoint: str) -> str:
+    """The connection string with its Endpoint replaced; its credential parts are kept for the SDK to parse."""
+    parts = []
+    replaced = False
+    for part in connection_string.strip().rstrip(";").split(";"):
+        key, _, _ = part.partition("=")
+        if key.strip().lower() == "endpoint":
+            part = f"{key}=sb://{endpoint}/"
+            replaced = True
+        parts.append(part)
+    if not replaced:
+        raise ValueError("the connection string has no Endpoint to point elsewhere")
+    return ";".join(parts)
+
+
 class ServiceBusQueue:
     """A Service Bus queue behind the worker's Queue protocol."""
 
@@ -69,27 +92,64 @@ class ServiceBusQueue:
         self._locked: dict[str, ServiceBusReceivedMessage] = {}
 
     @classmethod
-    def from_connection_string(cls, connection_string: str, name: str, *, prefetch: int = 0) -> Self:
-        """A queue reached with a connection string (shared access key)."""
+    def from_connection_string(
+        cls,
+        connection_string: str,
+        name: str,
+        *,
+        prefetch: int = 0,
+        admin_endpoint: str | None = None,
+        admin_connection_verify: bool | str = True,
+    ) -> Self:
+        """A queue reached with a connection string (shared access key).
+
+        Management calls go to the namespace unless ``admin_endpoint`` (host:port) says otherwise;
+        ``admin_connection_verify`` is azure-core's ``connection_verify`` (a CA bundle path to trust).
+        """
+        admin_connection_string = connection_string
+        if admin_endpoint is not None:
+            admin_connection_string = _with_endpoint(connection_string, _checked_endpoint(admin_endpoint))
         client = ServiceBusClient.from_connection_string(connection_string)
         try:
             admin: ServiceBusAdministrationClient | None = ServiceBusAdministrationClient.from_connection_string(
-                connection_string
+                admin_connection_string, connection_verify=admin_connection_verify
             )
         except ValueError:
             admin = None
         return cls(client, name, admin=admin, prefetch=prefetch)
 
     @classmethod
-    def from_namespace(cls, namespace: str, credential: AsyncTokenCredential, name: str, *, prefetch: int = 0) -> Self:
-        """A queue reached with Microsoft Entra ID (for example DefaultAzureCredential)."""
+    def from_namespace(
+        cls,
+        namespace: str,
+        credential: AsyncTokenCredential,
+        name: str,
+        *,
+        prefetch: int = 0,
+        admin_endpoint: str | None = None,
+        admin_connection_verify: bool | str = True,
+    ) -> Self:
+        """A queue reached with Microsoft Entra ID (for example DefaultAzureCredential).
+
+        ``admin_endpoint`` and ``admin_connection_verify`` as for ``from_connection_string``.
+        """
+        admin_host = namespace if admin_endpoint is None else _checked_endpoint(admin_endpoint)
         client = ServiceBusClient(namespace, credential)
-        return cls(client, name, admin=ServiceBusAdministrationClient(namespace, credential), prefetch=prefetch)
+        admin = ServiceBusAdministrationClient(admin_host, credential, connection_verify=admin_connection_verify)
+        return cls(client, name, admin=admin, prefetch=prefetch)
 
     async def open(self) -> Self:
         """Open the sender and the peek-lock receiver."""
         self._sender = self.client.get_queue_sender(self.name)
         self._receiver = self.client.get_queue_receiver(self.name, prefetch_count=self.prefetch)
+        # Open the links now: opened lazily, the first receive would spend its short wait on the
+        # link handshake and time out.
+        try:
+            await self._sender.__aenter__()
+            await self._receiver.__aenter__()
+        except ServiceBusError as exc:
+            await self.close()
+            raise QueueUnavailableError(f"opening Service Bus queue {self.name!r}: {exc}") from exc
         return self
 
     async def close(self) -> None:
@@ -236,7 +296,7 @@ class ServiceBusQueue:
             raise QueueUnavailableError("no administration client: queue depth is not available")
         try:
             props = await self.admin.get_queue_runtime_properties(self.name)
-        except Exception as exc:  # the management API speaks HTTP; its errors are not ServiceBusErrors
+        except AzureError as exc:  # the management API speaks HTTP; its errors are azure-core's, not ServiceBusErrors
             raise QueueUnavailableError(f"reading runtime properties of {self.name}: {exc}") from exc
         return QueueDepth(
             active=props.active_message_count or 0,
