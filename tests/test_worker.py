@@ -327,8 +327,10 @@ async def test_lost_lock_redelivers_and_the_job_is_counted_once(pipeline: Pipeli
             return len(p.job_spans()) == 2 and depth.active == 0 and p.consumer.in_flight == 0
 
         await p.wait_until(redelivered_and_settled, "the redelivered message to be settled")
-        outcomes = [(s.attributes or {}).get(attr.OUTCOME) for s in p.job_spans()]
-        assert sorted(str(o) for o in outcomes) == ["completed", "skipped"]
+        outcomes = sorted(str((s.attributes or {}).get(attr.OUTCOME)) for s in p.job_spans())
+        # The redelivered copy either finds the job finished (skipped) or, arriving while the
+        # stalled attempt is still finishing, embeds again; the record is written once either way.
+        assert outcomes in (["completed", "skipped"], ["completed", "completed"])
         deliveries = sorted(int(str((s.attributes or {})[attr.MESSAGING_DELIVERY_COUNT])) for s in p.job_spans())
         assert deliveries == [1, 2]
         assert await p.store.stats("tenant-a") == {**empty_stats(), S.COMPLETED: 1}
