@@ -1,0 +1,378 @@
+"""The overview dashboard: throughput, success, per-tenant status, backlog, latency, queue, exporter health.
+
+State gauges are exported identically by every replica, so they are read with `max by`;
+event counters and histograms are per replica and are summed. Per-tenant time series are
+limited to the ten worst tenants so a large tenant count stays readable.
+"""
+
+from __future__ import annotations
+
+from grafana_foundation_sdk.builders import dashboard, prometheus, table
+from grafana_foundation_sdk.models import dashboard as dashboard_models
+
+from alerts.build import DASHBOARD_WINDOWS, RuleParams, duration_p95_record, error_ratio_record
+from dashboards import uids
+from dashboards.panels import (
+    FULL,
+    HALF,
+    QUARTER,
+    RATE,
+    THIRD,
+    dashboard_link,
+    datasource_variable,
+    heatmap_panel,
+    query,
+    query_variable,
+    stat_panel,
+    table_panel,
+    timeseries_panel,
+)
+from jobs.model import JobStatus
+
+TOP = 10
+
+
+def overview(params: RuleParams) -> dashboard.Dashboard:
+    """The overview dashboard; params supply the SLO and recording-rule windows the alerts use."""
+    budget = float(params.error_budget)
+    pages = " or ".join(f"{burn.factor:g} (over {burn.long} and {burn.short})" for burn in params.page_windows)
+    window = DASHBOARD_WINDOWS[-1]
+    return (
+        dashboard.Dashboard("Embedding jobs — overview")
+        .uid(uids.OVERVIEW)
+        .description("Throughput, success, backlog and latency of embedding jobs across all tenants.")
+        .tags(["embedding-jobs"])
+        .time("now-6h", "now")
+        .refresh("30s")
+        .tooltip(dashboard_models.DashboardCursorSync.CROSSHAIR)
+        .timezone("browser")
+        .editable()
+        .link(dashboard_link("Tenant drill-down", uids.TENANT))
+        .with_variable(datasource_variable())
+        .with_variable(
+            query_variable(
+                "job", "Scrape job", "label_values(embedding_exporter_store_last_success_timestamp_seconds, job)"
+            )
+        )
+        .with_row(dashboard.Row("Throughput and success"))
+        .with_panel(
+            stat_panel(
+                "Attempts / s",
+                "Job attempts per second across all tenants and replicas.",
+                [query(f"sum(rate(embedding_job_attempts_total[{RATE}]))")],
+                unit="ops",
+                width=QUARTER,
+            )
+        )
+        .with_panel(
+            stat_panel(
+                "Success ratio",
+                "Share of attempts that completed (failed and dead-lettered attempts count against it).",
+                [
+                    query(
+                        f'sum(rate(embedding_job_attempts_total{{outcome="completed"}}[{RATE}]))\n'
+                        f"/\nsum(rate(embedding_job_attempts_total[{RATE}]))"
+                    )
+                ],
+                unit="percentunit",
+                width=QUARTER,
+            )
+        )
+        .with_panel(
+            stat_panel(
+                "Vectors / s",
+                "Embedding vectors produced per second by completed attempts.",
+                [query(f"sum(rate(embedding_vectors_total[{RATE}]))")],
+                unit="short",
+                width=QUARTER,
+            )
+        )
+        .with_panel(
+            stat_panel(
+                "Dead-letter queue",
+                "Messages waiting in the queue's dead-letter sub-queue.",
+                [query('max(embedding_queue_messages{state="dead_letter"})')],
+                unit="short",
+                width=QUARTER,
+                thresholds=[(1, "red")],
+            )
+        )
+        .with_panel(
+            timeseries_panel(
+                "Attempts by outcome",
+                "Job attempts per second: completed, failed (a retry follows) and dead-lettered (given up).",
+                [query(f"sum by (outcome) (rate(embedding_job_attempts_total[{RATE}]))", "{{outcome}}")],
+                unit="ops",
+                stacked=True,
+            )
+        )
+        .with_panel(
+            timeseries_panel(
+                "Success ratio by tenant",
+                f"Share of completed attempts for the {TOP} tenants with the lowest ratio.",
+                [
+                    query(
+                        f"bottomk({TOP},\n"
+                        f'  sum by (tenant) (rate(embedding_job_attempts_total{{outcome="completed"}}[{RATE}]))\n'
+                        f"  /\n  sum by (tenant) (rate(embedding_job_attempts_total[{RATE}]))\n)",
+                        "{{tenant}}",
+                    )
+                ],
+                unit="percentunit",
+                max_value=1,
+            )
+        )
+        .with_panel(
+            timeseries_panel(
+                "Error budget burn rate",
+                f"How fast each tenant uses its error budget ({budget * 100:g}% of attempts may fail) over {window}; "
+                f"1 uses it up exactly in the SLO period. The fast-burn alert pages above {pages}. "
+                f"The {TOP} fastest-burning tenants.",
+                [query(f"topk({TOP}, {error_ratio_record(window)} / {budget:g})", "{{tenant}}")],
+                unit="short",
+                thresholds=_burn_thresholds(params),
+            )
+        )
+        .with_panel(
+            timeseries_panel(
+                "Vectors produced",
+                f"Vectors per second for the {TOP} busiest tenants.",
+                [query(f"topk({TOP}, sum by (tenant) (rate(embedding_vectors_total[{RATE}])))", "{{tenant}}")],
+                unit="short",
+            )
+        )
+        .with_row(dashboard.Row("Jobs by tenant"))
+        .with_panel(_status_table())
+        .with_panel(
+            timeseries_panel(
+                "Backlog",
+                "Jobs waiting (pending), running (processing) and waiting for a retry (failed), all tenants.",
+                [
+                    query(
+                        "sum by (status) (\n"
+                        '  max by (tenant, status) (embedding_jobs{status=~"pending|processing|failed"})\n)',
+                        "{{status}}",
+                    )
+                ],
+                unit="short",
+                stacked=True,
+            )
+        )
+        .with_panel(
+            timeseries_panel(
+                "Stuck jobs",
+                "Jobs pending or processing for longer than the exporter's stuck threshold (--stuck-after).",
+                [query(f"topk({TOP}, max by (tenant, status) (embedding_jobs_stuck))", "{{tenant}} {{status}}")],
+                unit="short",
+                thresholds=[(1, "red")],
+            )
+        )
+        .with_panel(
+            timeseries_panel(
+                "Oldest stuck job",
+                "How long the longest-waiting stuck job has been pending or processing.",
+                [
+                    query(
+                        f"topk({TOP}, max by (tenant, status) (embedding_jobs_stuck_oldest_age_seconds))",
+                        "{{tenant}} {{status}}",
+                    )
+                ],
+                unit="s",
+            )
+        )
+        .with_row(dashboard.Row("Latency"))
+        .with_panel(
+            timeseries_panel(
+                "Attempt duration",
+                "Percentiles of the duration of one attempt, all tenants and outcomes.",
+                [_quantile(q, "embedding_job_duration_seconds_bucket") for q in (0.5, 0.95, 0.99)],
+                unit="s",
+                width=THIRD,
+            )
+        )
+        .with_panel(
+            timeseries_panel(
+                "Queue wait",
+                "Percentiles of the time from enqueue (or the scheduled retry time) to the start of an attempt.",
+                [_quantile(q, "embedding_job_queue_wait_seconds_bucket") for q in (0.5, 0.95, 0.99)],
+                unit="s",
+                width=THIRD,
+            )
+        )
+        .with_panel(
+            timeseries_panel(
+                "p95 attempt duration by tenant",
+                f"95th percentile over {params.duration_window} (the recording rule the slow-jobs alert uses), "
+                f"for the {TOP} slowest tenants.",
+                [query(f"topk({TOP}, {duration_p95_record(params.duration_window)})", "{{tenant}}")],
+                unit="s",
+                width=THIRD,
+                thresholds=[(params.duration_p95_seconds, "red")],
+            )
+        )
+        .with_panel(
+            heatmap_panel(
+                "Attempt duration heatmap",
+                "Attempts per duration bucket. Exemplars (points) link each bucket to the trace of one attempt.",
+                query(
+                    f"sum by (le) (increase(embedding_job_duration_seconds_bucket[{RATE}]))",
+                    "{{le}}",
+                    heatmap_format=True,
+                    exemplar=True,
+                ),
+                unit="s",
+                width=FULL,
+            )
+        )
+        .with_row(dashboard.Row("Queue"))
+        .with_panel(
+            timeseries_panel(
+                "Queue depth",
+                "Messages by state: active (ready or locked by a worker), scheduled (a retry waiting for its "
+                "backoff) and dead_letter.",
+                [query("max by (queue, state) (embedding_queue_messages)", "{{queue}} {{state}}")],
+                unit="short",
+            )
+        )
+        .with_panel(
+            timeseries_panel(
+                "Dead-lettered attempts",
+                "Jobs given up per tenant: attempts used up, a permanent failure or an unreadable message.",
+                [
+                    query(
+                        f'sum by (tenant) (increase(embedding_job_attempts_total{{outcome="dead_lettered"}}[{RATE}]))',
+                        "{{tenant}}",
+                    )
+                ],
+                unit="short",
+                bars=True,
+            )
+        )
+        .with_row(dashboard.Row("Exporter health"))
+        .with_panel(
+            stat_panel(
+                "Targets up",
+                "Exporter scrape targets Prometheus reaches, of all it knows for the scrape job.",
+                [query('sum(up{job=~"$job"})', "up"), query('count(up{job=~"$job"})', "known")],
+                unit="short",
+                height=8,
+            )
+        )
+        .with_panel(
+            stat_panel(
+                "Tenants folded",
+                'Tenants past the tenant label limit, counted together as tenant="__other__".',
+                [query("max(embedding_exporter_tenants_folded)")],
+                unit="short",
+                height=8,
+                thresholds=[(1, "orange")],
+            )
+        )
+        .with_panel(
+            timeseries_panel(
+                "Job gauge age",
+                "Seconds since each exporter last read the job store: the state gauges are this old.",
+                [
+                    query(
+                        "time() - max by (instance) (embedding_exporter_store_last_success_timestamp_seconds)",
+                        "{{instance}}",
+                    )
+                ],
+                unit="s",
+                width=THIRD,
+                thresholds=[(params.stale_after_seconds, "red")],
+            )
+        )
+        .with_panel(
+            timeseries_panel(
+                "Store refresh duration",
+                "95th percentile of the time each exporter takes to read the job store for state metrics.",
+                [
+                    query(
+                        "histogram_quantile(0.95,\n  sum by (instance, le) "
+                        f"(rate(embedding_exporter_store_refresh_duration_seconds_bucket[{RATE}]))\n)",
+                        "{{instance}}",
+                    )
+                ],
+                unit="s",
+                width=THIRD,
+            )
+        )
+        .with_panel(
+            timeseries_panel(
+                "Store refresh errors",
+                "Failed or timed-out reads of the job store per second, by exporter.",
+                [
+                    query(
+                        f"sum by (instance) (rate(embedding_exporter_store_refresh_errors_total[{RATE}]))",
+                        "{{instance}}",
+                    )
+                ],
+                unit="ops",
+            )
+        )
+        .with_panel(
+            timeseries_panel(
+                "Spans",
+                "Job spans turned into metrics per second, by source, and spans dropped, by reason.",
+                [
+                    query(
+                        f"sum by (source) (rate(embedding_exporter_spans_received_total[{RATE}]))",
+                        "received {{source}}",
+                    ),
+                    query(
+                        f"sum by (reason) (rate(embedding_exporter_spans_dropped_total[{RATE}]))",
+                        "dropped {{reason}}",
+                    ),
+                ],
+                unit="ops",
+            )
+        )
+    )
+
+
+def _burn_thresholds(params: RuleParams) -> list[tuple[float, str]]:
+    # Orange at the slower paging burn rate, red at the fastest.
+    factors = sorted({burn.factor for burn in params.page_windows})
+    return [(factor, "red" if factor == factors[-1] else "orange") for factor in factors]
+
+
+def _quantile(q: float, bucket: str) -> prometheus.Dataquery:
+    return query(f"histogram_quantile({q:g}, sum by (le) (rate({bucket}[{RATE}])))", f"p{q * 100:g}")
+
+
+def _status_table() -> table.Panel:
+    statuses = [status.value for status in JobStatus]
+    letters = "ABCDEFGH"
+    return table_panel(
+        "Jobs per tenant and status",
+        "Current job counts from the store. Click a tenant for its drill-down dashboard.",
+        [
+            query(f'max by (tenant) (embedding_jobs{{status="{status}"}})', instant=True, table_format=True)
+            for status in statuses
+        ],
+        transformations=[
+            dashboard_models.DataTransformerConfig(id_val="merge", options={}),
+            dashboard_models.DataTransformerConfig(
+                id_val="organize",
+                options={
+                    "excludeByName": {"Time": True},
+                    "renameByName": {f"Value #{letters[i]}": status for i, status in enumerate(statuses)},
+                },
+            ),
+        ],
+        width=HALF,
+    ).override_by_name(
+        "tenant",
+        [
+            dashboard_models.DynamicConfigValue(
+                id_val="links",
+                value=[
+                    {
+                        "title": "Open the tenant's dashboard",
+                        "url": f"/d/{uids.TENANT}?var-tenant=${{__value.raw}}&${{__url_time_range}}",
+                    }
+                ],
+            )
+        ],
+    )
