@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from azure.servicebus.aio import ServiceBusClient
+from azure.servicebus.aio.management import ServiceBusAdministrationClient
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -179,21 +180,16 @@ async def _servicebus_queue(peer: ServiceBusPeer, lock_duration: float) -> Async
     name = f"q-{uuid.uuid4().hex[:12]}"
     peer.create_queue(name, lock_duration=lock_duration, max_delivery_count=5)
     client = ServiceBusClient.from_connection_string(peer.connection_string, retry_backoff_factor=0.01)
-    queue = await ServiceBusQueue(client, name).open()
-
-    async def depth() -> QueueDepth:
-        # Counted by the peer: the adapter's own depth() needs the management endpoint.
-        return QueueDepth(
-            active=peer.active_count(name) + peer.locked_count(name),
-            scheduled=peer.scheduled_count(name),
-            dead_letter=peer.dead_letter_count(name),
-        )
+    admin = ServiceBusAdministrationClient.from_connection_string(
+        peer.admin_connection_string, connection_verify=str(peer.certificate_path)
+    )
+    queue = await ServiceBusQueue(client, name, admin=admin).open()
 
     async def expire() -> None:
         peer.expire_locks(name)
 
     try:
-        yield queue, depth, expire
+        yield queue, queue.depth, expire
     finally:
         await queue.close()
 

@@ -436,6 +436,8 @@ def test_peer_runs_as_a_separate_process() -> None:
         assert process.stdout is not None
         line = process.stdout.readline()
         assert line.startswith(READY), line
+        assert " management_port=" in line, line
+        assert " certificate=" in line, line
         connection_string = line.split("connection_string=", 1)[1].strip()
         with SyncServiceBusClient.from_connection_string(connection_string) as client:
             with client.get_queue_sender("proc") as sender:

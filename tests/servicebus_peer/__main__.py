@@ -1,7 +1,8 @@
 """Run the test peer as its own process: ``python -m tests.servicebus_peer --port N``.
 
-Prints one ready line with the port and connection string once it accepts connections,
-then serves until SIGINT or SIGTERM.
+Prints one ready line with the AMQP port, the HTTPS management port, the management
+certificate (PEM) and the connection string once it accepts connections, then serves
+until SIGINT or SIGTERM.
 """
 
 from __future__ import annotations
@@ -34,7 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     with ServiceBusPeer(args.host, args.port, args.lock_duration, args.max_delivery_count) as peer:
-        print(f"{READY} port={peer.port} connection_string={peer.connection_string}", flush=True)
+        # The connection string comes last: it contains "=" itself, so readers take the rest of the line.
+        print(
+            f"{READY} port={peer.port} management_port={peer.management_port} "
+            f"certificate={peer.certificate_path} connection_string={peer.connection_string}",
+            flush=True,
+        )
         stopping.wait()
     return 0
 

@@ -1,7 +1,9 @@
 """``ServiceBusPeer``: the AMQP test peer on a background reactor thread, and its test-facing API.
 
 Every inspection and fault-injection call is run on the reactor thread through an
-event injector, so tests never touch proton or the store concurrently with it.
+event injector, so tests never touch proton or the store concurrently with it. Beside
+the AMQP port the peer serves the management REST API over HTTPS on a port of its own,
+with a self-signed certificate made at start (see ``admin_http``).
 """
 
 from __future__ import annotations
@@ -9,24 +11,32 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from types import TracebackType
 from typing import Self, TypeVar
 
 from proton import Condition
 from proton.reactor import ApplicationEvent, Container, EventInjector
 
+from tests.servicebus_peer.admin_http import ManagementServer
 from tests.servicebus_peer.broker import Broker
-from tests.servicebus_peer.store import DeadLettered, Namespace
+from tests.servicebus_peer.store import DeadLettered, Namespace, QueueRuntime
+from tests.servicebus_peer.tls import Certificate, self_signed
 
 T = TypeVar("T")
 
 CALL_TIMEOUT = 10.0
 CLOSE_GRACE = 2.0
 STOP_TIMEOUT = 5.0
+
+
+def _connection_string(endpoint: str) -> str:
+    return f"Endpoint=sb://{endpoint};SharedAccessKeyName=k;SharedAccessKey=v;UseDevelopmentEmulator=true"
 
 
 class PeerError(RuntimeError):
@@ -52,15 +62,23 @@ class ServiceBusPeer:
         self._thread: threading.Thread | None = None
         self._port = 0
         self._stopped = False
+        self._files: tempfile.TemporaryDirectory[str] | None = None
+        self._certificate: Certificate | None = None
+        self._management: ManagementServer | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> Self:
-        """Bind the port and start serving on a daemon thread."""
+        """Bind the ports and start serving on daemon threads."""
         if self._thread is not None or self._stopped:
             raise PeerError("a peer starts once; create a new one")
+        self._start_management()
         container = Container(self._broker)
-        acceptor = container.acceptor(self.host, str(self._requested_port))
+        try:
+            acceptor = container.acceptor(self.host, str(self._requested_port))
+        except BaseException:
+            self._stop_management()
+            raise
         # The acceptor does not report the port it bound; its socket does (port 0 = any free port).
         self._port = int(acceptor._selectable.getsockname()[1])
         self._broker.acceptor_close = acceptor.close
@@ -71,6 +89,29 @@ class ServiceBusPeer:
         self._thread.start()
         return self
 
+    def _start_management(self) -> None:
+        """Make the certificate and start the HTTPS management endpoint."""
+        self._files = tempfile.TemporaryDirectory(prefix="servicebus-peer-")
+        try:
+            self._certificate = self_signed(Path(self._files.name), self.host)
+            self._management = ManagementServer(self.host, self._certificate, self._runtime, self._broker.errors)
+            self._management.start()
+        except BaseException:
+            self._stop_management()
+            raise
+
+    def _stop_management(self) -> None:
+        if self._management is not None:
+            self._management.stop()
+            self._management = None
+        if self._files is not None:
+            self._files.cleanup()
+            self._files = None
+
+    def _runtime(self, queue: str) -> QueueRuntime | None:
+        """Runtime properties for the management endpoint, read on the reactor thread."""
+        return self._call(lambda: self._namespace.runtime(queue))
+
     def _run(self) -> None:
         assert self._container is not None
         try:
@@ -80,6 +121,8 @@ class ServiceBusPeer:
 
     def stop(self) -> None:
         """Close every connection (waiting briefly for clients to answer) and end the reactor thread."""
+        # First, so no management request is still asking the reactor for queue state.
+        self._stop_management()
         thread, container, injector = self._thread, self._container, self._injector
         if thread is None or container is None or injector is None:
             return
@@ -121,9 +164,31 @@ class ServiceBusPeer:
     @property
     def connection_string(self) -> str:
         """A connection string the SDK accepts: development endpoint, so no TLS and any key."""
-        return (
-            f"Endpoint=sb://{self.host}:{self.port};SharedAccessKeyName=k;SharedAccessKey=v;UseDevelopmentEmulator=true"
-        )
+        return _connection_string(f"{self.host}:{self.port}")
+
+    @property
+    def management_port(self) -> int:
+        """The TCP port of the HTTPS management endpoint."""
+        if self._management is None:
+            raise PeerError("the peer is not started")
+        return self._management.port
+
+    @property
+    def management_endpoint(self) -> str:
+        """``host:port`` of the management endpoint, where an administration client must be pointed."""
+        return f"{self.host}:{self.management_port}"
+
+    @property
+    def admin_connection_string(self) -> str:
+        """A connection string whose endpoint is the management endpoint (for the administration client)."""
+        return _connection_string(self.management_endpoint)
+
+    @property
+    def certificate_path(self) -> Path:
+        """The management endpoint's self-signed certificate (PEM): the CA bundle a client must trust."""
+        if self._certificate is None:
+            raise PeerError("the peer is not started")
+        return self._certificate.certificate_path
 
     @property
     def errors(self) -> list[BaseException]:

@@ -7,6 +7,7 @@ thread is its only caller) and touches AMQP only to stamp what it hands out.
 from __future__ import annotations
 
 import bisect
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +68,22 @@ class DeadLettered:
     delivery_count: int
 
 
+@dataclass(frozen=True)
+class QueueRuntime:
+    """A queue's runtime properties at one moment, as the management API reports them."""
+
+    name: str
+    lock_duration: float
+    max_delivery_count: int
+    active: int
+    scheduled: int
+    dead_letter: int
+    size_in_bytes: int
+    created_at: float
+    # Epoch seconds of the last send or receive; 0.0 if there has been none.
+    accessed_at: float
+
+
 @dataclass
 class Entity:
     """A queue, or the dead-letter sub-queue of one (which has no sub-queue of its own)."""
@@ -79,6 +96,9 @@ class Entity:
     locked: dict[uuid.UUID, Envelope] = field(default_factory=dict)
     scheduled: dict[int, tuple[float, Envelope]] = field(default_factory=dict)
     last_sequence_number: int = 0
+    # Queues come into being by name on first use, where no caller has a clock to pass.
+    created_at: float = field(default_factory=time.time)
+    accessed_at: float = 0.0
 
     # -- arrival -------------------------------------------------------------------------
 
@@ -87,12 +107,14 @@ class Entity:
         due = codec.map_of(sections, codec.MESSAGE_ANNOTATIONS).get(codec.SCHEDULED_ENQUEUE_TIME)
         if due is not None and int(due) / 1000 > now:
             return self.schedule(sections, int(due) / 1000, now)
+        self.accessed_at = now
         envelope = Envelope(self._next_sequence_number(), sections, now)
         self._make_available(envelope)
         return envelope
 
     def schedule(self, sections: list[Section], due: float, now: float) -> Envelope:
         """Hold a message invisible until ``due`` (epoch seconds); it has its sequence number now."""
+        self.accessed_at = now
         envelope = Envelope(self._next_sequence_number(), sections, now)
         self.scheduled[envelope.sequence_number] = (due, envelope)
         return envelope
@@ -117,6 +139,7 @@ class Entity:
 
     def lock(self, envelope: Envelope, now: float) -> uuid.UUID:
         """Peek-lock a message taken by ``next_available``."""
+        self.accessed_at = now
         token = uuid.uuid4()
         envelope.lock_token = token
         envelope.locked_until = now + self.lock_duration
@@ -203,6 +226,24 @@ class Entity:
         """Messages visible to receivers, locked or not."""
         return len(self.available) + len(self.locked)
 
+    def runtime(self) -> QueueRuntime:
+        """Counts and sizes for the management API; locked messages count as active, as on Service Bus."""
+        dead_letter = self.dead_letter.active_count if self.dead_letter is not None else 0
+        stored = [*self.available, *self.locked.values(), *(e for _, e in self.scheduled.values())]
+        if self.dead_letter is not None:
+            stored += [*self.dead_letter.available, *self.dead_letter.locked.values()]
+        return QueueRuntime(
+            name=self.name,
+            lock_duration=self.lock_duration,
+            max_delivery_count=self.max_delivery_count,
+            active=self.active_count,
+            scheduled=len(self.scheduled),
+            dead_letter=dead_letter,
+            size_in_bytes=sum(len(section.raw) for envelope in stored for section in envelope.sections),
+            created_at=self.created_at,
+            accessed_at=self.accessed_at,
+        )
+
     def dead_lettered(self) -> list[DeadLettered]:
         """Snapshot of the dead-letter sub-queue's messages."""
         if self.dead_letter is None:
@@ -282,6 +323,11 @@ class Namespace:
     def exists(self, name: str) -> bool:
         """Whether a queue of that name has been created (explicitly or by use)."""
         return name.lower() in self.queues
+
+    def runtime(self, name: str) -> QueueRuntime | None:
+        """A queue's runtime properties, or None if no queue of that name exists (nothing is created)."""
+        queue = self.queues.get(name.lower())
+        return queue.runtime() if queue is not None else None
 
     def resolve(self, path: str) -> Entity:
         """The entity a path names: ``<queue>`` or ``<queue>/$deadletterqueue``."""
