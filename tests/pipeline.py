@@ -57,6 +57,10 @@ class FaultyEmbedder:
         return self.inner.model
 
     @property
+    def max_input_tokens(self) -> int | None:
+        return 64
+
+    @property
     def max_batch_size(self) -> int:
         return 8
 

@@ -18,6 +18,7 @@ from jobs.model import JobStatus
 from jobs.store import empty_stats
 from tests.pipeline import QUEUE_KINDS, Pipeline
 from tests.pipeline import pipeline as local_pipeline
+from worker.chunking import estimate_tokens
 from worker.consumer import ConsumerConfig, backoff_delay
 from worker.messages import JobMessage
 from worker.shards import Shard
@@ -344,3 +345,16 @@ def test_backoff_grows_exponentially_with_jitter_and_is_capped() -> None:
         delays = [backoff_delay(attempt, 2.0, 60.0, rng) for _ in range(50)]
         assert all(ceiling / 2 <= d <= ceiling for d in delays)
         assert len(set(delays)) > 1
+
+
+async def test_chunks_fit_the_models_input_limit_even_above_the_configured_budget(tmp_path: Path) -> None:
+    async with local_pipeline(tmp_path) as p:
+        assert p.consumer.config.chunk_max_tokens > 64
+        text = " ".join(f"word{n}" for n in range(600))
+        job = await p.ingest("tenant-a", "long", text)
+        p.start()
+        done = await p.wait_for_status("tenant-a", job.id, S.COMPLETED)
+        vectors = await p.shards.get_vectors("tenant-a", "long")
+        assert vectors is not None
+        assert done.metadata.chunk_count == len(vectors.chunks) > 1
+        assert max(estimate_tokens(chunk) for chunk in vectors.chunks) <= 64

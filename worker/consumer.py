@@ -81,6 +81,12 @@ class Consumer:
         self.processed: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
 
     @property
+    def chunk_budget(self) -> int:
+        """Tokens per chunk: the configured budget, lowered to what the model reads in full."""
+        limit = self.embedder.max_input_tokens
+        return min(self.config.chunk_max_tokens, limit) if limit else self.config.chunk_max_tokens
+
+    @property
     def in_flight(self) -> int:
         """Messages being processed right now."""
         return len(self._in_flight)
@@ -216,8 +222,8 @@ class Consumer:
             c.text
             for c in chunk_text(
                 shard.text,
-                max_tokens=self.config.chunk_max_tokens,
-                overlap_tokens=self.config.chunk_overlap_tokens,
+                max_tokens=self.chunk_budget,
+                overlap_tokens=min(self.config.chunk_overlap_tokens, self.chunk_budget // 2),
             )
         ]
         with self.tracer.start_as_current_span(

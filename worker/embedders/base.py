@@ -15,6 +15,11 @@ class Embedder(Protocol):
         ...
 
     @property
+    def max_input_tokens(self) -> int | None:
+        """Longest input the model reads in full (tokens), or None when it has no such limit."""
+        ...
+
+    @property
     def max_batch_size(self) -> int:
         """How many texts one call may carry at most."""
         ...

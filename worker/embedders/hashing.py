@@ -47,6 +47,11 @@ class HashingEmbedder:
         return f"hashing-{self._dimensions}"
 
     @property
+    def max_input_tokens(self) -> int | None:
+        """Feature hashing reads any length."""
+        return None
+
+    @property
     def max_batch_size(self) -> int:
         """How many texts one call should carry; larger calls work too."""
         return self._batch_size

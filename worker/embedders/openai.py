@@ -114,6 +114,11 @@ class OpenAIEmbedder:
         return self._settings.model
 
     @property
+    def max_input_tokens(self) -> int | None:
+        """The input limit of OpenAI's embedding models."""
+        return 8191
+
+    @property
     def max_batch_size(self) -> int:
         """Texts per request; `embed` splits longer lists into several requests."""
         return self._settings.batch_size

@@ -55,6 +55,11 @@ class SentenceTransformerEmbedder:
         return self._model_name
 
     @property
+    def max_input_tokens(self) -> int | None:
+        """all-MiniLM-L6-v2 reads 256 word pieces and silently drops the rest; two are special tokens."""
+        return 254
+
+    @property
     def max_batch_size(self) -> int:
         """Texts encoded per forward pass."""
         return self._batch_size
