@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install run test lint typecheck pytest test-deps clean
+.PHONY: install run test lint typecheck pytest test-deps generate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ pytest: install
 	$(BIN)/pytest
 
 test: test-deps lint typecheck pytest
+
+# Rebuild generated files (alert rules, dashboards, the chart's copies and values schema); commit the result.
+generate: install
+	$(BIN)/python -m alerts.build
+	$(BIN)/python -m dashboards.build
+	$(BIN)/python -m tests.helm_tools sync
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache var
