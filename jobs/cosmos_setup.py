@@ -8,11 +8,11 @@ containers idempotently and is what `embedding-jobs init-db` runs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.exceptions import (
@@ -32,6 +32,8 @@ from azure.cosmos.exceptions import (
 
 from jobs.errors import StoreUnavailableError
 from jobs.settings import Settings
+
+T = TypeVar("T")
 
 # A throttled (429) request was not executed, so the SDK retries it, reads or writes alike,
 # waiting as long as the service's retry-after asks. These are the SDK defaults, set here
@@ -298,6 +300,29 @@ async def init_db(
 def retention_of(settings: Settings) -> timedelta | None:
     """settings.retention_hours as a timedelta, None when finished jobs are kept."""
     return timedelta(hours=settings.retention_hours) if settings.retention_hours > 0 else None
+
+
+async def on_client(
+    client: CosmosClient | None,
+    endpoint: str,
+    key: str,
+    credential: AsyncTokenCredential | None,
+    setup: Callable[[CosmosClient], Awaitable[T]],
+) -> tuple[T, CosmosConnection | None]:
+    """Run setup on client, or on a new connection to endpoint that is returned to its new owner.
+
+    A connection opened here is closed again if setup fails.
+    """
+    connection = None
+    if client is None:
+        connection = await connect(endpoint, key, credential=credential)
+        client = connection.client
+    try:
+        return await setup(client), connection
+    except BaseException:
+        if connection is not None:
+            await connection.close()
+        raise
 
 
 async def connect_from(settings: Settings) -> CosmosConnection:

@@ -43,7 +43,7 @@ from azure.cosmos.exceptions import (
     CosmosResourceNotFoundError,
 )
 
-from jobs.cosmos_setup import CosmosConnection, connect, jobs_container_spec, open_container, unavailable_errors
+from jobs.cosmos_setup import CosmosConnection, jobs_container_spec, on_client, open_container, unavailable_errors
 from jobs.errors import InvalidJobError, JobNotFoundError, StoreUnavailableError, TransitionConflictError
 from jobs.model import (
     TERMINAL,
@@ -156,17 +156,10 @@ class CosmosJobStore:
         expiry_grace: timedelta = DEFAULT_EXPIRY_GRACE,
     ) -> Self:
         """Open the store on client, or on a client for endpoint (key, else credential or DefaultAzureCredential)."""
-        connection = None
-        if client is None:
-            connection = await connect(endpoint, key, credential=credential)
-            client = connection.client
-        try:
-            spec = jobs_container_spec(container, retention)
-            proxy, properties = await open_container(client, database, spec, create=create_if_missing)
-        except BaseException:
-            if connection is not None:
-                await connection.close()
-            raise
+        spec = jobs_container_spec(container, retention)
+        (proxy, properties), connection = await on_client(
+            client, endpoint, key, credential, lambda c: open_container(c, database, spec, create=create_if_missing)
+        )
         if retention and properties.get("defaultTtl") is None:
             log.warning(
                 "container %s has TTL off, so finished jobs will not expire: run `embedding-jobs init-db`", container

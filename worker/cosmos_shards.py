@@ -34,8 +34,8 @@ from azure.cosmos.exceptions import CosmosResourceNotFoundError
 from jobs.cosmos_setup import (
     DEFAULT_LEASES_CONTAINER,
     CosmosConnection,
-    connect,
     leases_container_spec,
+    on_client,
     open_container,
     shards_container_spec,
     unavailable_errors,
@@ -134,18 +134,13 @@ class CosmosShardStore:
         create_if_missing: bool = False,
     ) -> Self:
         """Open the store on client, or on a client for endpoint (key, else credential or DefaultAzureCredential)."""
-        connection = None
-        if client is None:
-            connection = await connect(endpoint, key, credential=credential)
-            client = connection.client
-        try:
-            proxy, _ = await open_container(
-                client, database, shards_container_spec(container), create=create_if_missing
-            )
-        except BaseException:
-            if connection is not None:
-                await connection.close()
-            raise
+        (proxy, _), connection = await on_client(
+            client,
+            endpoint,
+            key,
+            credential,
+            lambda c: open_container(c, database, shards_container_spec(container), create=create_if_missing),
+        )
         return cls(proxy, connection=connection)
 
     async def close(self) -> None:
@@ -302,21 +297,17 @@ class CosmosShardFeed:
         create_if_missing: bool = False,
     ) -> Self:
         """Open the feed named name on client, or on a client for endpoint."""
-        connection = None
-        if client is None:
-            connection = await connect(endpoint, key, credential=credential)
-            client = connection.client
-        try:
+
+        async def setup(c: CosmosClient) -> tuple[ContainerProxy, ContainerProxy]:
             shards, _ = await open_container(
-                client, database, shards_container_spec(shards_container), create=create_if_missing
+                c, database, shards_container_spec(shards_container), create=create_if_missing
             )
             leases, _ = await open_container(
-                client, database, leases_container_spec(leases_container), create=create_if_missing
+                c, database, leases_container_spec(leases_container), create=create_if_missing
             )
-        except BaseException:
-            if connection is not None:
-                await connection.close()
-            raise
+            return shards, leases
+
+        (shards, leases), connection = await on_client(client, endpoint, key, credential, setup)
         return cls(shards, leases, name=name, connection=connection)
 
     async def close(self) -> None:
