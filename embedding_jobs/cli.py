@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from datetime import timedelta
 from importlib import resources
 from typing import Any, TextIO
@@ -38,6 +38,7 @@ from jobs.telemetry import Outcome
 from worker.consumer import Consumer
 from worker.messages import JobMessage
 from worker.producer import Producer, ingest_shard
+from worker.queue import QueueError
 from worker.reconciler import reconcile_dead_letters, reconcile_forever
 from worker.sources import Rejected, read_shards
 from worker.tracing import create_tracer_provider, get_tracer
@@ -144,7 +145,9 @@ async def _ingest(backends: Backends, source: str, tenant: str, out: TextIO = sy
 async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     """Run the consume loop until SIGTERM/SIGINT (or until idle)."""
     async with open_backends(settings) as backends:
-        await _work(settings, backends, exit_when_idle=args.exit_when_idle, out=sys.stderr)
+        # A progress line is for people: a worker in a pod, not waiting to go idle, only works.
+        watch = args.exit_when_idle or sys.stderr.isatty()
+        await _work(settings, backends, exit_when_idle=args.exit_when_idle, out=sys.stderr, watch=watch)
     return 0
 
 
@@ -165,8 +168,9 @@ async def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
             exit_when_idle=args.exit_when_idle,
             out=sys.stderr,
             processors=[MetricsSpanProcessor(span_metrics)],
+            watch=True,
+            on_idle=lambda: print_summary(backends.store, sys.stdout),
         )
-        await print_summary(backends.store, sys.stdout)
     return 0
 
 
@@ -227,6 +231,8 @@ async def _work(
     exit_when_idle: bool,
     out: TextIO,
     processors: Sequence[SpanProcessor] = (),
+    watch: bool = False,
+    on_idle: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     provider = create_tracer_provider("embedding-jobs-worker", settings.otlp_endpoint, processors)
     embedder = build_embedder(settings)
@@ -251,7 +257,8 @@ async def _work(
     try:
         async with tracker.running():
             run = asyncio.create_task(consumer.run(stop))
-            await _watch(consumer, backends, stop, exit_when_idle, out)
+            if watch:
+                await _watch(consumer, backends, stop, exit_when_idle, out, on_idle)
             await run
     finally:
         if reconciler is not None:
@@ -264,14 +271,24 @@ async def _work(
 
 
 async def _watch(
-    consumer: Consumer, backends: Backends, stop: asyncio.Event, exit_when_idle: bool, out: TextIO
+    consumer: Consumer,
+    backends: Backends,
+    stop: asyncio.Event,
+    exit_when_idle: bool,
+    out: TextIO,
+    on_idle: Callable[[], Awaitable[None]] | None,
 ) -> None:
+    """Show progress until stop; when the queue drains, report (and stop if asked to)."""
     progress = Progress("work", out)
     announced_idle = False
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=0.5)
-        depth = await backends.queue.depth()
+        try:
+            depth = await backends.queue.depth()
+        except QueueError as exc:
+            progress.show(f"completed {consumer.processed[Outcome.COMPLETED]} (queue depth unavailable: {exc})")
+            continue
         done = consumer.processed
         progress.show(
             f"completed {done[Outcome.COMPLETED]}, retried {done[Outcome.FAILED]}, "
@@ -282,6 +299,8 @@ async def _watch(
         if idle and not announced_idle:
             progress.done("queue drained" + ("" if exit_when_idle else "; waiting for more work (Ctrl-C to stop)"))
             announced_idle = True
+            if on_idle is not None:
+                await on_idle()
             if exit_when_idle:
                 stop.set()
         elif not idle:
