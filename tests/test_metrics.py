@@ -18,7 +18,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-from pytest_aiohttp.plugin import AiohttpClient
+from pytest_aiohttp.plugin import AiohttpClient, AiohttpServer
 
 from exporter.app import create_app
 from exporter.keys import STATE
@@ -313,3 +313,51 @@ async def test_promtool_accepts_the_exposition(otlp_client: Client, tmp_path: Pa
     )
     output, _ = await proc.communicate(text.encode())
     assert proc.returncode == 0, output.decode()
+
+
+async def test_received_spans_are_forwarded_upstream_and_failures_counted(
+    aiohttp_client: AiohttpClient, aiohttp_server: AiohttpServer, tmp_path: Path
+) -> None:
+    received: list[ExportTraceServiceRequest] = []
+    refuse = False
+
+    async def upstream_traces(request: web.Request) -> web.Response:
+        if refuse:
+            return web.Response(status=503)
+        export = ExportTraceServiceRequest()
+        export.ParseFromString(await request.read())
+        received.append(export)
+        return web.Response(content_type="application/x-protobuf")
+
+    upstream_app = web.Application()
+    upstream_app.router.add_post("/v1/traces", upstream_traces)
+    upstream = await aiohttp_server(upstream_app)
+    store = await SQLiteJobStore.open(tmp_path / "jobs.db")
+    try:
+        settings = Settings(forward_otlp_endpoint=str(upstream.make_url("/")))
+        client = await aiohttp_client(create_app(settings, store))
+        request = job_span_request("acme", "completed", n=2)
+        headers = {"Content-Type": "application/x-protobuf"}
+        assert (await client.post("/v1/traces", data=request.SerializeToString(), headers=headers)).status == 200
+
+        async def forwarded(count: int, dropped: float | None = None) -> None:
+            deadline = asyncio.get_running_loop().time() + 10
+            while True:
+                text = await scrape(client)
+                sent = sample(text, "embedding_exporter_forward_sent_total", {})
+                refused = sample(text, "embedding_exporter_forward_dropped_total", {"reason": "http_503"})
+                if sent == count and (dropped is None or refused == dropped):
+                    return
+                assert asyncio.get_running_loop().time() < deadline, text
+                await asyncio.sleep(0.02)
+
+        await forwarded(1)
+        assert received == [request]
+        refuse = True
+        assert (await client.post("/v1/traces", data=request.SerializeToString(), headers=headers)).status == 200
+        await forwarded(1, dropped=1)
+        # Metrics are made locally whatever upstream does.
+        text = await scrape(client)
+        assert sample(text, "embedding_job_attempts_total", {"tenant": "acme", "outcome": "completed"}) == 4
+    finally:
+        await store.close()
