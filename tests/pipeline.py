@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import random
 import sqlite3
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -25,6 +24,7 @@ from jobs.model import Job, JobStatus
 from jobs.sqlite_store import SQLiteJobStore
 from jobs.store import JobStore
 from jobs.telemetry import JOB_SPAN
+from tests.components import wait_until
 from tests.servicebus_peer import ServiceBusPeer
 from worker.consumer import Consumer, ConsumerConfig
 from worker.embedders.hashing import HashingEmbedder
@@ -131,11 +131,7 @@ class Pipeline:
         self.task = asyncio.create_task(self.consumer.run(self.stop))
 
     async def wait_until(self, condition: Callable[[], Awaitable[bool]], what: str, within: float = 15.0) -> None:
-        deadline = time.monotonic() + within
-        while not await condition():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out waiting for {what}")
-            await asyncio.sleep(0.02)
+        await wait_until(condition, what, within)
 
     async def wait_for_status(self, tenant: str, job_id: str, status: JobStatus) -> Job:
         async def reached() -> bool:

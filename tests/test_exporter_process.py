@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
-import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -14,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from jobs.model import JobStatus
 from jobs.sqlite_store import SQLiteJobStore
-from tests.components import free_port
+from tests.components import free_port, wait_until
 from tests.test_cli import cli_env, run_cli
 
 
@@ -27,13 +28,9 @@ def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
     return out
 
 
-async def test_worker_spans_reach_a_separate_exporter_over_otlp(tmp_path: Path) -> None:
-    corpus = "\n".join(
-        json.dumps({"tenantId": tenant, "shardId": f"s{n}", "text": f"text {n} of {tenant}"})
-        for tenant in ("acme", "globex")
-        for n in range(5)
-    )
-    assert run_cli(tmp_path, "ingest", "-", stdin=corpus).returncode == 0
+@contextlib.asynccontextmanager
+async def running_exporter(data_dir: Path, *args: str) -> AsyncIterator[str]:
+    """An `embedding-jobs exporter` process on a free port, answering /healthz; yields its base URL."""
     port = free_port()
     exporter = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -42,67 +39,75 @@ async def test_worker_spans_reach_a_separate_exporter_over_otlp(tmp_path: Path) 
         "exporter",
         "--exporter-port",
         str(port),
-        "--refresh-interval",
-        "0.2",
-        env=cli_env(tmp_path),
+        *args,
+        env=cli_env(data_dir),
         stderr=subprocess.PIPE,
     )
     base = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as session:
 
-            async def metrics() -> str:
-                async with session.get(f"{base}/metrics") as response:
-                    return await response.text()
-
-            deadline = time.monotonic() + 20
-            while True:
+            async def healthy() -> bool:
                 try:
-                    await metrics()
-                    break
+                    async with session.get(f"{base}/healthz") as response:
+                        return response.status == 200
                 except aiohttp.ClientConnectionError:
-                    assert time.monotonic() < deadline, "exporter did not start"
-                    await asyncio.sleep(0.05)
+                    return False
 
-            worker = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "embedding_jobs",
-                "worker",
-                "--exit-when-idle",
-                "--otlp-endpoint",
-                base,
-                env=cli_env(tmp_path),
-                stderr=subprocess.PIPE,
-            )
-            _, err = await asyncio.wait_for(worker.communicate(), 40)
-            assert worker.returncode == 0, err.decode()
-
-            # The worker flushes its span batch on exit; the exporter's state refresh runs every 0.2 s.
-            while True:
-                text = await metrics()
-                attempts = samples(text, "embedding_job_attempts_total")
-                jobs = samples(text, "embedding_jobs")
-                done = (
-                    attempts.get((("outcome", "completed"), ("tenant", "acme"))) == 5
-                    and jobs.get((("status", "completed"), ("tenant", "globex"))) == 5
-                )
-                if done:
-                    break
-                assert time.monotonic() < deadline + 20, text
-                await asyncio.sleep(0.05)
-            assert attempts[(("outcome", "completed"), ("tenant", "globex"))] == 5
-            assert attempts[(("outcome", "failed"), ("tenant", "globex"))] == 0
-            durations = samples(text, "embedding_job_duration_seconds_count")
-            assert durations[(("outcome", "completed"), ("tenant", "acme"))] == 5
-            received = samples(text, "embedding_exporter_spans_received_total")
-            assert received[(("source", "otlp"),)] == 10
-            depth = samples(text, "embedding_queue_messages")
-            assert depth[(("queue", "embedding-jobs"), ("state", "active"))] == 0
+            await wait_until(healthy, "the exporter to start", within=20)
+        yield base
     finally:
         exporter.terminate()
-        await asyncio.wait_for(exporter.communicate(), 20)
-    assert exporter.returncode == 0
+        _, err = await asyncio.wait_for(exporter.communicate(), 20)
+    assert exporter.returncode == 0, err.decode()
+
+
+async def test_worker_spans_reach_a_separate_exporter_over_otlp(tmp_path: Path) -> None:
+    corpus = "\n".join(
+        json.dumps({"tenantId": tenant, "shardId": f"s{n}", "text": f"text {n} of {tenant}"})
+        for tenant in ("acme", "globex")
+        for n in range(5)
+    )
+    assert run_cli(tmp_path, "ingest", "-", stdin=corpus).returncode == 0
+    async with running_exporter(tmp_path, "--refresh-interval", "0.2") as base, aiohttp.ClientSession() as session:
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "embedding_jobs",
+            "worker",
+            "--exit-when-idle",
+            "--otlp-endpoint",
+            base,
+            env=cli_env(tmp_path),
+            stderr=subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(worker.communicate(), 40)
+        assert worker.returncode == 0, err.decode()
+
+        text = ""
+
+        async def reflected() -> bool:
+            # The worker flushes its span batch on exit; the exporter's state refresh runs every 0.2 s.
+            nonlocal text
+            async with session.get(f"{base}/metrics") as response:
+                text = await response.text()
+            attempts = samples(text, "embedding_job_attempts_total")
+            jobs = samples(text, "embedding_jobs")
+            return (
+                attempts.get((("outcome", "completed"), ("tenant", "acme"))) == 5
+                and jobs.get((("status", "completed"), ("tenant", "globex"))) == 5
+            )
+
+        await wait_until(reflected, "the worker's spans and the store state in /metrics", within=40)
+        attempts = samples(text, "embedding_job_attempts_total")
+        assert attempts[(("outcome", "completed"), ("tenant", "globex"))] == 5
+        assert attempts[(("outcome", "failed"), ("tenant", "globex"))] == 0
+        durations = samples(text, "embedding_job_duration_seconds_count")
+        assert durations[(("outcome", "completed"), ("tenant", "acme"))] == 5
+        received = samples(text, "embedding_exporter_spans_received_total")
+        assert received[(("source", "otlp"),)] == 10
+        depth = samples(text, "embedding_queue_messages")
+        assert depth[(("queue", "embedding-jobs"), ("state", "active"))] == 0
 
 
 async def test_retry_through_the_exporter_api_reprocesses_a_dead_lettered_job(tmp_path: Path) -> None:
@@ -113,33 +118,11 @@ async def test_retry_through_the_exporter_api_reprocesses_a_dead_lettered_job(tm
         await store.transition("acme", job.id, JobStatus.PENDING, JobStatus.DEAD_LETTERED, error="gave up")
     # The original message is still queued; drain it so only the retry's message remains.
     assert run_cli(tmp_path, "worker", "--exit-when-idle").returncode == 0
-    port = free_port()
-    exporter = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "embedding_jobs",
-        "exporter",
-        "--exporter-port",
-        str(port),
-        env=cli_env(tmp_path),
-        stderr=subprocess.PIPE,
-    )
-    try:
-        async with aiohttp.ClientSession() as session:
-            url = f"http://127.0.0.1:{port}/api/v1/embedding-jobs/{job.id}/retry?tenantId=acme"
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    async with session.post(url) as response:
-                        assert response.status == 202, await response.text()
-                        assert (await response.json())["status"] == "pending"
-                        break
-                except aiohttp.ClientConnectionError:
-                    assert time.monotonic() < deadline, "exporter did not start"
-                    await asyncio.sleep(0.05)
-    finally:
-        exporter.terminate()
-        await asyncio.wait_for(exporter.communicate(), 20)
+    async with running_exporter(tmp_path) as base, aiohttp.ClientSession() as session:
+        url = f"{base}/api/v1/embedding-jobs/{job.id}/retry?tenantId=acme"
+        async with session.post(url) as response:
+            assert response.status == 202, await response.text()
+            assert (await response.json())["status"] == "pending"
     assert run_cli(tmp_path, "worker", "--exit-when-idle").returncode == 0
     async with await SQLiteJobStore.open(tmp_path / "embedding-jobs.db") as store:
         done = await store.get("acme", job.id)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from jobs.cosmos_store import CosmosJobStore
 from jobs.errors import JobNotFoundError
 from jobs.model import Job, JobStatus
 from jobs.store import empty_stats
+from tests.components import wait_until
 from tests.conftest import CosmosDatabase
 from tests.pipeline import FaultyEmbedder
 from worker.consumer import Consumer, ConsumerConfig
@@ -56,11 +56,7 @@ class CosmosPipeline:
         return job_id_for(shard)
 
     async def wait_until(self, condition: Callable[[], Awaitable[bool]], what: str, within: float = 15.0) -> None:
-        deadline = time.monotonic() + within
-        while not await condition():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out waiting for {what}")
-            await asyncio.sleep(0.02)
+        await wait_until(condition, what, within)
 
     async def wait_for_status(self, job_id: str, status: JobStatus) -> Job:
         async def reached() -> bool:

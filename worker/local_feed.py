@@ -12,11 +12,10 @@ import sqlite3
 from pathlib import Path
 from typing import Self
 
-from jobs.model import parse_time
 from jobs.sqlite_db import SQLiteDatabase, transaction
 from worker.feeder import DEFAULT_FEEDER_NAME, ChangePage
 from worker.shards import SCHEMA as SHARDS_SCHEMA
-from worker.shards import Shard
+from worker.shards import Shard, shard_from_row
 
 FEED_SCHEMA = """
 CREATE TABLE IF NOT EXISTS shard_changes (
@@ -94,14 +93,7 @@ class LocalShardFeed:
         if not rows:
             return ChangePage((), None)
         shards = [
-            Shard(
-                tenant_id=row["tenant_id"],
-                id=row["id"],
-                shard_type_id=row["shard_type_id"],
-                text=row["text"],
-                content_hash=row["content_hash"],
-                updated_at=parse_time(row["updated_at"]),
-            )
+            shard_from_row(row)
             for row in rows
             if row["id"] is not None  # deleted since: nothing to embed
         ]

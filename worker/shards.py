@@ -100,6 +100,18 @@ CREATE TABLE IF NOT EXISTS shard_vectors (
 """
 
 
+def shard_from_row(row: sqlite3.Row) -> Shard:
+    """A Shard from a row with the shards table's columns."""
+    return Shard(
+        tenant_id=row["tenant_id"],
+        id=row["id"],
+        shard_type_id=row["shard_type_id"],
+        text=row["text"],
+        content_hash=row["content_hash"],
+        updated_at=parse_time(row["updated_at"]),
+    )
+
+
 class SQLiteShardStore:
     """Shards and their vectors (float32) in the local SQLite file."""
 
@@ -155,14 +167,7 @@ class SQLiteShardStore:
         )
         if row is None:
             raise ShardNotFoundError(f"shard {shard_id!r} not found in tenant {tenant_id!r}")
-        return Shard(
-            tenant_id=row["tenant_id"],
-            id=row["id"],
-            shard_type_id=row["shard_type_id"],
-            text=row["text"],
-            content_hash=row["content_hash"],
-            updated_at=parse_time(row["updated_at"]),
-        )
+        return shard_from_row(row)
 
     async def save_vectors(self, tenant_id: str, shard_id: str, vectors: ShardVectors) -> None:
         """Replace the shard's chunk vectors in one transaction."""
