@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install run test lint typecheck pytest test-deps generate clean
+.PHONY: install run test lint typecheck pytest test-deps generate clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,3 +48,8 @@ generate: install
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache var
+
+# Benchmarks (not part of make test): each prints its figure as a ratio against a baseline run
+# side by side, with its target and the machine load. docs/performance.md records the results.
+bench: install
+	$(BIN)/python -m bench
