@@ -28,6 +28,7 @@ from embedding_jobs.backends import (
     open_job_store,
 )
 from exporter.app import create_app
+from exporter.exposition import ExporterRegistry
 from exporter.spanmetrics import MetricsSpanProcessor, SpanMetrics
 from jobs.errors import JobError
 from jobs.logs import configure_logging
@@ -153,8 +154,8 @@ async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
 async def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     """Local all-in-one: exporter, ingest, work the queue, show a per-tenant summary."""
-    registry = CollectorRegistry()
-    span_metrics = SpanMetrics(registry, tenant_limit=settings.tenant_label_limit)
+    registry = ExporterRegistry()
+    span_metrics = SpanMetrics(registry, tenant_limit=settings.tenant_label_limit, detail=settings.metrics_detail)
     async with open_backends(settings) as backends, serve_exporter(settings, backends, registry, span_metrics) as url:
         print(f"status page and API: {url}  metrics: {url}metrics", file=sys.stderr)
         if args.ingest:
@@ -180,8 +181,8 @@ async def cmd_exporter(settings: Settings, args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    registry = CollectorRegistry()
-    span_metrics = SpanMetrics(registry, tenant_limit=settings.tenant_label_limit)
+    registry = ExporterRegistry()
+    span_metrics = SpanMetrics(registry, tenant_limit=settings.tenant_label_limit, detail=settings.metrics_detail)
     async with open_backends(settings) as backends, serve_exporter(settings, backends, registry, span_metrics) as url:
         print(f"exporter listening on {url}", file=sys.stderr, flush=True)
         await stop.wait()

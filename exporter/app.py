@@ -7,13 +7,13 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
+from prometheus_client import CollectorRegistry, disable_created_metrics
 
-from exporter import api, otlp, status_page
+from exporter import api, exposition, otlp, status_page
 from exporter.auth import TokenAuth, check_bearer
 from exporter.errors import error_response
-from exporter.keys import AUTH, ENQUEUE, REGISTRY, SETTINGS, SPAN_METRICS, STATE, STORE
+from exporter.keys import AUTH, ENQUEUE, REGISTRY, SCRAPE, SETTINGS, SPAN_METRICS, STATE, STORE
+from exporter.scrape import ScrapeCache
 from exporter.spanmetrics import SpanMetrics
 from exporter.state import DepthSource, StateCollector
 from jobs.errors import StoreUnavailableError
@@ -35,13 +35,17 @@ def create_app(
     enqueue: Callable[[Job], Awaitable[None]] | None = None,
 ) -> web.Application:
     """Build the exporter app over store; pass span_metrics to share one with an in-process worker."""
-    registry = registry or CollectorRegistry()
+    # `_created` series double the cost of every counter and histogram and nothing here reads them.
+    disable_created_metrics()  # type: ignore[no-untyped-call]
+    registry = registry if registry is not None else exposition.ExporterRegistry()
     app = web.Application(client_max_size=otlp.MAX_BODY_BYTES)
     app[SETTINGS] = settings
     app[STORE] = store
     app[REGISTRY] = registry
     app[AUTH] = TokenAuth.parse(settings.api_tokens)
-    app[SPAN_METRICS] = span_metrics or SpanMetrics(registry, tenant_limit=settings.tenant_label_limit)
+    app[SPAN_METRICS] = span_metrics or SpanMetrics(
+        registry, tenant_limit=settings.tenant_label_limit, detail=settings.metrics_detail
+    )
     app[STATE] = StateCollector(
         store,
         registry,
@@ -56,7 +60,9 @@ def create_app(
         app[ENQUEUE] = enqueue
     if not app[AUTH].enabled:
         log.warning("no API tokens configured: the API is open to every caller (set EMBEDDING_JOBS_API_TOKENS)")
+    app[SCRAPE] = ScrapeCache(lambda openmetrics: exposition.render(registry, openmetrics), settings.metrics_cache_ttl)
     app.cleanup_ctx.append(_state_refresher)
+    app.cleanup_ctx.append(_scrape_cache)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -73,15 +79,43 @@ async def _state_refresher(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(task, return_exceptions=True)
 
 
+async def _scrape_cache(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await asyncio.get_running_loop().run_in_executor(None, app[SCRAPE].close)
+
+
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus exposition; OpenMetrics (with exemplars) when the scraper asks for it."""
+    """Prometheus exposition, gzip'd when accepted; OpenMetrics (with exemplars) when the scraper asks for it."""
     if not check_bearer(request.app[SETTINGS].metrics_token, request.headers.get("Authorization")):
         return error_response(401, "unauthorized", "a valid bearer token is required for /metrics")
-    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-    body = encoder(request.app[REGISTRY])
+    openmetrics = _accepts_openmetrics(request.headers.get("Accept", ""))
+    gzipped = _accepts_gzip(request.headers.get("Accept-Encoding", ""))
+    body = await request.app[SCRAPE].body(openmetrics, gzipped)
     response = web.Response(body=body)
-    response.headers["Content-Type"] = content_type
+    response.headers["Content-Type"] = (
+        exposition.OPENMETRICS_CONTENT_TYPE if openmetrics else exposition.TEXT_CONTENT_TYPE
+    )
+    response.headers["Vary"] = "Accept, Accept-Encoding"
+    if gzipped:
+        response.headers["Content-Encoding"] = "gzip"
     return response
+
+
+def _accepts_openmetrics(accept: str) -> bool:
+    # As prometheus-client negotiates it: OpenMetrics 1.0 whenever the scraper lists it.
+    for part in accept.split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        if media == "application/openmetrics-text":
+            return all(p.replace(" ", "") != "version=2.0.0" for p in params)
+    return False
+
+
+def _accepts_gzip(accept_encoding: str) -> bool:
+    for part in accept_encoding.split(","):
+        coding, *params = (p.strip().lower() for p in part.split(";"))
+        if coding == "gzip":
+            return not any(p.replace(" ", "") in ("q=0", "q=0.0", "q=0.00", "q=0.000") for p in params)
+    return False
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -14,6 +14,7 @@ from jobs.store import JobStore
 
 if TYPE_CHECKING:
     from exporter.auth import TokenAuth
+    from exporter.scrape import ScrapeCache
     from exporter.spanmetrics import SpanMetrics
     from exporter.state import StateCollector
 
@@ -23,5 +24,6 @@ REGISTRY = web.AppKey("registry", CollectorRegistry)
 AUTH: web.AppKey[TokenAuth] = web.AppKey("auth")
 STATE: web.AppKey[StateCollector] = web.AppKey("state")
 SPAN_METRICS: web.AppKey[SpanMetrics] = web.AppKey("span_metrics")
+SCRAPE: web.AppKey[ScrapeCache] = web.AppKey("scrape")
 # Sends the message for a job put back to pending by the retry API; set by whoever wires a queue.
 ENQUEUE: web.AppKey[Callable[[Job], Awaitable[None]]] = web.AppKey("enqueue")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Final
 
-PREFIX: Final = "embedding"
+from jobs.telemetry import Outcome
 
 # State metrics (read from the store; every replica exports the same values: aggregate with max).
 JOBS: Final = "embedding_jobs"
@@ -18,7 +18,7 @@ QUEUE_MESSAGES_HELP: Final = "Messages in the queue by state (active, scheduled,
 
 # Event metrics (from embedding.job spans; each replica counts its own: aggregate with sum).
 JOB_DURATION: Final = "embedding_job_duration_seconds"
-JOB_DURATION_HELP: Final = "Duration of one attempt at a job, by outcome."
+JOB_DURATION_HELP: Final = "Duration of one attempt at a job (by outcome with metrics_detail=full)."
 QUEUE_WAIT: Final = "embedding_job_queue_wait_seconds"
 QUEUE_WAIT_HELP: Final = "Time from enqueue (or scheduled retry time) to the start of an attempt."
 ATTEMPTS: Final = "embedding_job_attempts"
@@ -31,20 +31,41 @@ REFRESH_DURATION: Final = "embedding_exporter_store_refresh_duration_seconds"
 REFRESH_ERRORS: Final = "embedding_exporter_store_refresh_errors"
 REFRESH_LAST_SUCCESS: Final = "embedding_exporter_store_last_success_timestamp_seconds"
 SPANS_RECEIVED: Final = "embedding_exporter_spans_received"
+SPANS_RECEIVED_HELP: Final = "Job spans turned into metrics, by source."
 SPANS_DROPPED: Final = "embedding_exporter_spans_dropped"
+SPANS_DROPPED_HELP: Final = "Job spans that could not be turned into metrics, by reason."
+SPAN_SOURCES: Final = ("in_process", "otlp")
+# Why a job span is not counted: its end precedes its start; a duration or queue wait that is
+# not a finite number in range.
+DROP_REASONS: Final = ("negative_duration", "invalid_value")
 TENANTS_FOLDED: Final = "embedding_exporter_tenants_folded"
+TENANTS_FOLDED_HELP: Final = (
+    'Distinct tenants folded into tenant="__other__" because the tenant label limit was reached.'
+)
+TENANTS_EVICTED: Final = "embedding_exporter_tenants_evicted"
+TENANTS_EVICTED_HELP: Final = "Tenants seen only in spans whose series were dropped to admit tenants the store knows."
 FORWARD_DROPPED: Final = "embedding_exporter_forward_dropped"
 FORWARD_SENT: Final = "embedding_exporter_forward_sent"
 
 OTHER_TENANT: Final = "__other__"
 UNKNOWN_TENANT: Final = "__unknown__"
-ATTEMPT_OUTCOMES: Final = ("completed", "failed", "dead_lettered")
+# Every attempt outcome but a skipped duplicate delivery, which is not an attempt.
+ATTEMPT_OUTCOMES: Final = tuple(o.value for o in Outcome if o is not Outcome.SKIPPED)
 
+# Series budget. The exposition must stay cheap at thousands of tenants, so by default each
+# tenant costs at most 40 samples (README, "Series budget"): the duration histogram keeps the
+# tenant label but not the outcome, and both per-tenant histograms have 10 buckets. The
+# `metrics_detail=full` setting restores the outcome split and the finer buckets.
+#
 # Embedding attempts range from tens of milliseconds (a short shard on a local model) to
-# minutes (a large shard behind a rate-limited API with in-call 429 waits). Roughly
-# doubling buckets from 50 ms to 300 s keep the p50/p95/p99 estimates within a factor of
-# two everywhere, with 16 series per tenant and outcome.
-DURATION_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 180.0, 300.0)
-# Queue wait spans the same range: idle workers pick messages up in milliseconds, a backlog
-# or a stalled worker pushes it to minutes.
-QUEUE_WAIT_BUCKETS: Final = DURATION_BUCKETS
+# minutes (a large shard behind a rate-limited API with in-call 429 waits). The compact
+# buckets step by 2-5x from 100 ms to 300 s, with an edge at 120 s, the slow-job alert's
+# threshold, so the p95 > 120 s comparison is exact rather than interpolated.
+DURATION_BUCKETS: Final = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+# Queue wait: idle workers pick messages up in milliseconds; a backlog, a scheduled retry or a
+# stalled worker pushes it to minutes or an hour.
+QUEUE_WAIT_BUCKETS: Final = (0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+# Full detail: roughly doubling buckets keep p50/p95/p99 estimates within a factor of two.
+DURATION_BUCKETS_FULL: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 180.0, 300.0)
+QUEUE_WAIT_BUCKETS_FULL: Final = (*DURATION_BUCKETS_FULL, 600.0, 900.0, 1800.0, 3600.0)
+DETAIL_LEVELS: Final = ("compact", "full")

@@ -18,12 +18,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from exporter import exposition as ex
 from exporter import metrics as m
-from exporter.spanmetrics import TenantLimiter
+from exporter.tenants import TenantLimiter
 from jobs.model import JobStatus
 from jobs.store import JobStore
 
 log = logging.getLogger(__name__)
+_STUCK_STATUSES = (JobStatus.PENDING.value, JobStatus.PROCESSING.value)
+_QUEUE_STATES = ("active", "scheduled", "dead_letter")
 
 # Returns {"active": n, "scheduled": n, "dead_letter": n} for the queue.
 DepthSource = Callable[[], Awaitable[Mapping[str, int]]]
@@ -94,6 +97,8 @@ class StateCollector(Collector):
             return False
         finally:
             self._duration.observe(time.perf_counter() - started)
+        # Tenants the store knows take their label places ahead of names seen only in spans.
+        self.limiter.admit_known(snapshot.jobs)
         self.snapshot = snapshot
         self._last_success.set(time.time())
         self.refreshed.set()
@@ -109,39 +114,69 @@ class StateCollector(Collector):
         depth = dict(await self.depth_source()) if self.depth_source is not None else None
         return Snapshot(jobs=jobs, stuck=stuck, depth=depth)
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        """Yield the gauges of the current snapshot, tenants past the label limit folded together."""
+    def _families(self) -> _StateFamilies:
+        """The current snapshot folded by tenant label: jobs, and stuck count with oldest age."""
         snapshot = self.snapshot
-        jobs = GaugeMetricFamily(m.JOBS, m.JOBS_HELP, labels=["tenant", "status"])
-        folded: dict[tuple[str, str], float] = {}
+        label = self.limiter.label
+        jobs: dict[tuple[str, str], float] = {}
         for tenant, counts in sorted(snapshot.jobs.items()):
-            label = self.limiter.label(tenant)
+            name = label(tenant)
             for job_status, count in counts.items():
-                key = (label, job_status.value)
-                folded[key] = folded.get(key, 0) + count
-        for (tenant, status_name), value in folded.items():
+                key = (name, job_status.value)
+                jobs[key] = jobs.get(key, 0) + count
+        stuck: dict[tuple[str, str], tuple[float, float]] = {}
+        # Zero for every known tenant so an alert on "> 0" resolves instead of going absent.
+        for tenant, status_name in jobs:
+            if status_name in _STUCK_STATUSES:
+                stuck[(tenant, status_name)] = (0, 0.0)
+        for (tenant, status_name), (stuck_count, age) in snapshot.stuck.items():
+            key = (label(tenant), status_name)
+            previous = stuck.get(key, (0, 0.0))
+            stuck[key] = (previous[0] + stuck_count, max(previous[1], age))
+        return _StateFamilies(jobs, dict(sorted(stuck.items())), snapshot.depth)
+
+    def render(self, out: list[str], openmetrics: bool) -> None:
+        """Append the state gauges to out in the text or OpenMetrics format."""
+        families = self._families()
+        ex.header(out, m.JOBS, m.JOBS_HELP, "gauge", openmetrics)
+        for (tenant, status_name), value in families.jobs.items():
+            out.append(f"{m.JOBS}{{{ex.label_pairs(tenant=tenant, status=status_name)}}} {ex.number(value)}\n")
+        ex.header(out, m.JOBS_STUCK, m.JOBS_STUCK_HELP, "gauge", openmetrics)
+        for (tenant, status_name), (count, _) in families.stuck.items():
+            out.append(f"{m.JOBS_STUCK}{{{ex.label_pairs(tenant=tenant, status=status_name)}}} {ex.number(count)}\n")
+        ex.header(out, m.JOBS_STUCK_OLDEST, m.JOBS_STUCK_OLDEST_HELP, "gauge", openmetrics)
+        for (tenant, status_name), (_, age) in families.stuck.items():
+            fragment = ex.label_pairs(tenant=tenant, status=status_name)
+            out.append(f"{m.JOBS_STUCK_OLDEST}{{{fragment}}} {ex.number(age)}\n")
+        if families.depth is not None:
+            ex.header(out, m.QUEUE_MESSAGES, m.QUEUE_MESSAGES_HELP, "gauge", openmetrics)
+            for state in _QUEUE_STATES:
+                fragment = ex.label_pairs(queue=self.queue_name, state=state)
+                out.append(f"{m.QUEUE_MESSAGES}{{{fragment}}} {ex.number(families.depth.get(state, 0))}\n")
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """The same gauges as standard metric families (for registry readers; slower than render)."""
+        families = self._families()
+        jobs = GaugeMetricFamily(m.JOBS, m.JOBS_HELP, labels=["tenant", "status"])
+        for (tenant, status_name), value in families.jobs.items():
             jobs.add_metric([tenant, status_name], value)
         yield jobs
-
         stuck = GaugeMetricFamily(m.JOBS_STUCK, m.JOBS_STUCK_HELP, labels=["tenant", "status"])
         oldest = GaugeMetricFamily(m.JOBS_STUCK_OLDEST, m.JOBS_STUCK_OLDEST_HELP, labels=["tenant", "status"])
-        stuck_folded: dict[tuple[str, str], tuple[float, float]] = {}
-        # Zero for every known tenant so an alert on "> 0" resolves instead of going absent.
-        for tenant, status_name in folded:
-            if status_name in (JobStatus.PENDING.value, JobStatus.PROCESSING.value):
-                stuck_folded[(tenant, status_name)] = (0.0, 0.0)
-        for (tenant, status_name), (stuck_count, age) in snapshot.stuck.items():
-            key = (self.limiter.label(tenant), status_name)
-            previous = stuck_folded.get(key, (0.0, 0.0))
-            stuck_folded[key] = (previous[0] + stuck_count, max(previous[1], age))
-        for (tenant, status_name), (stuck_count, age) in sorted(stuck_folded.items()):
+        for (tenant, status_name), (stuck_count, age) in families.stuck.items():
             stuck.add_metric([tenant, status_name], stuck_count)
             oldest.add_metric([tenant, status_name], age)
         yield stuck
         yield oldest
-
-        if snapshot.depth is not None:
+        if families.depth is not None:
             depth = GaugeMetricFamily(m.QUEUE_MESSAGES, m.QUEUE_MESSAGES_HELP, labels=["queue", "state"])
-            for state in ("active", "scheduled", "dead_letter"):
-                depth.add_metric([self.queue_name, state], snapshot.depth.get(state, 0))
+            for state in _QUEUE_STATES:
+                depth.add_metric([self.queue_name, state], families.depth.get(state, 0))
             yield depth
+
+
+@dataclass(frozen=True, slots=True)
+class _StateFamilies:
+    jobs: Mapping[tuple[str, str], float]
+    stuck: Mapping[tuple[str, str], tuple[float, float]]
+    depth: Mapping[str, int] | None

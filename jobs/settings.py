@@ -98,7 +98,16 @@ class Settings:
     )
     metrics_token: str = _opt("", "bearer token required on /metrics (empty: open)", "exporter", secret=True)
     tenant_label_limit: int = _opt(
-        500, "distinct tenant label values before new tenants fold into __other__", "exporter"
+        1000, "distinct tenant label values before new tenants fold into __other__", "exporter"
+    )
+    metrics_detail: str = _opt(
+        "compact",
+        "per-tenant histogram detail: compact (at most 40 samples a tenant) or full (outcome split, finer buckets)",
+        "exporter",
+        choices=("compact", "full"),
+    )
+    metrics_cache_ttl: float = _opt(
+        1.0, "seconds a rendered /metrics body is served again to other scrapes (0: render every scrape)", "exporter"
     )
     refresh_interval: float = _opt(15.0, "seconds between reads of the store for state metrics", "exporter")
     refresh_timeout: float = _opt(10.0, "seconds a store read for state metrics may take", "exporter")
@@ -185,6 +194,8 @@ class Settings:
             raise ValueError("chunk_overlap_tokens must be between 0 and chunk_max_tokens - 1")
         if self.drain_timeout < 0 or self.retention_hours < 0 or self.reconcile_interval < 0:
             raise ValueError("drain_timeout, retention_hours and reconcile_interval must not be negative")
+        if not 0 <= self.metrics_cache_ttl <= 60:
+            raise ValueError("metrics_cache_ttl must be between 0 and 60 seconds")
 
     def with_changes(self, **changes: Any) -> Self:
         """A copy with some values replaced (validated)."""

@@ -72,7 +72,7 @@ async def scrape(client: Client, accept: str = "") -> str:
 async def test_state_gauges_equal_the_store_counters(
     aiohttp_client: AiohttpClient, seeded_store: SQLiteJobStore
 ) -> None:
-    app = create_app(Settings(stuck_after=3600), seeded_store)
+    app = create_app(Settings(metrics_cache_ttl=0, stuck_after=3600), seeded_store)
     client = await aiohttp_client(app)
     await asyncio.wait_for(app[STATE].refreshed.wait(), 10)
     text = await scrape(client)
@@ -100,7 +100,7 @@ async def test_state_gauges_equal_the_store_counters(
 async def test_dead_store_keeps_the_last_snapshot_and_counts_errors(
     aiohttp_client: AiohttpClient, seeded_store: SQLiteJobStore
 ) -> None:
-    app = create_app(Settings(refresh_interval=3600), seeded_store)
+    app = create_app(Settings(metrics_cache_ttl=0, refresh_interval=3600), seeded_store)
     client = await aiohttp_client(app)
     await asyncio.wait_for(app[STATE].refreshed.wait(), 10)
     before = sample(await scrape(client), "embedding_exporter_store_last_success_timestamp_seconds", {})
@@ -127,7 +127,7 @@ async def test_slow_store_never_blocks_a_scrape(aiohttp_client: AiohttpClient, s
             await gate.wait()
             return await seeded_store.stats_all()
 
-    app = create_app(Settings(refresh_timeout=0.2, refresh_interval=3600), SlowStore())  # type: ignore[arg-type]
+    app = create_app(Settings(metrics_cache_ttl=0, refresh_timeout=0.2, refresh_interval=3600), SlowStore())  # type: ignore[arg-type]
     client = await aiohttp_client(app)
     text = await asyncio.wait_for(scrape(client), 2)
     assert "embedding_jobs" in text
@@ -142,9 +142,10 @@ async def test_slow_store_never_blocks_a_scrape(aiohttp_client: AiohttpClient, s
     gate.set()
 
 
-async def test_event_metrics_equal_what_the_worker_processed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("detail", ["compact", "full"])
+async def test_event_metrics_equal_what_the_worker_processed(tmp_path: Path, detail: str) -> None:
     registry = CollectorRegistry()
-    span_metrics = SpanMetrics(registry)
+    span_metrics = SpanMetrics(registry, detail=detail)
     async with pipeline(tmp_path, processors=[MetricsSpanProcessor(span_metrics)]) as p:
         ok = [await p.ingest("acme", f"ok-{n}", f"{TEXT} {n}") for n in range(4)]
         flaky = await p.ingest("acme", "flaky", "FAIL_ONCE " + TEXT)
@@ -168,7 +169,11 @@ async def test_event_metrics_equal_what_the_worker_processed(tmp_path: Path) -> 
     assert value("embedding_job_attempts_total", tenant="globex", outcome="failed") == 2
     assert value("embedding_job_attempts_total", tenant="globex", outcome="dead_lettered") == 1
     assert value("embedding_vectors_total", tenant="acme") == vectors
-    assert value("embedding_job_duration_seconds_count", tenant="acme", outcome="completed") == 5
+    if detail == "full":
+        assert value("embedding_job_duration_seconds_count", tenant="acme", outcome="completed") == 5
+        assert value("embedding_job_duration_seconds_count", tenant="acme", outcome="failed") == 1
+    else:
+        assert value("embedding_job_duration_seconds_count", tenant="acme") == 6
     assert value("embedding_job_queue_wait_seconds_count", tenant="acme") == 6
     job_spans = [s for s in p.spans.get_finished_spans() if s.name == attr.JOB_SPAN]
     measured = sum(
@@ -176,9 +181,12 @@ async def test_event_metrics_equal_what_the_worker_processed(tmp_path: Path) -> 
         for s in job_spans
         if s.end_time and s.start_time and (s.attributes or {}).get(attr.TENANT) == "acme"
     )
-    total = sum(
-        value("embedding_job_duration_seconds_sum", tenant="acme", outcome=o) or 0 for o in ("completed", "failed")
-    )
+    if detail == "full":
+        total = sum(
+            value("embedding_job_duration_seconds_sum", tenant="acme", outcome=o) or 0 for o in ("completed", "failed")
+        )
+    else:
+        total = value("embedding_job_duration_seconds_sum", tenant="acme") or 0
     assert total == pytest.approx(measured)
     assert value("embedding_exporter_spans_received_total", source="in_process") == 9
 
@@ -203,7 +211,7 @@ def job_span_request(tenant: str, outcome: str, n: int = 1, vectors: int = 3) ->
 @pytest.fixture
 async def otlp_client(aiohttp_client: AiohttpClient, tmp_path: Path) -> AsyncIterator[Client]:
     store = await SQLiteJobStore.open(tmp_path / "jobs.db")
-    yield await aiohttp_client(create_app(Settings(tenant_label_limit=2), store))
+    yield await aiohttp_client(create_app(Settings(metrics_cache_ttl=0, tenant_label_limit=2), store))
     await store.close()
 
 
@@ -294,7 +302,9 @@ async def test_exemplars_carry_trace_ids_in_openmetrics(otlp_client: Client) -> 
 async def test_metrics_token_protects_metrics(aiohttp_client: AiohttpClient, tmp_path: Path) -> None:
     store = await SQLiteJobStore.open(tmp_path / "jobs.db")
     try:
-        client = await aiohttp_client(create_app(Settings(metrics_token="scrape-token-0123456789"), store))
+        client = await aiohttp_client(
+            create_app(Settings(metrics_cache_ttl=0, metrics_token="scrape-token-0123456789"), store)
+        )
         assert (await client.get("/metrics")).status == 401
         ok = await client.get("/metrics", headers={"Authorization": "Bearer scrape-token-0123456789"})
         assert ok.status == 200
@@ -334,7 +344,7 @@ async def test_received_spans_are_forwarded_upstream_and_failures_counted(
     upstream = await aiohttp_server(upstream_app)
     store = await SQLiteJobStore.open(tmp_path / "jobs.db")
     try:
-        settings = Settings(forward_otlp_endpoint=str(upstream.make_url("/")))
+        settings = Settings(metrics_cache_ttl=0, forward_otlp_endpoint=str(upstream.make_url("/")))
         client = await aiohttp_client(create_app(settings, store))
         request = job_span_request("acme", "completed", n=2)
         headers = {"Content-Type": "application/x-protobuf"}
