@@ -27,7 +27,7 @@ TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 EOF = "# EOF\n"
 # The client library's OpenMetrics writer, which it leaves untyped.
-_generate_openmetrics: Callable[[Any], bytes] = openmetrics_exposition.generate_latest
+generate_openmetrics: Callable[[Any], bytes] = openmetrics_exposition.generate_latest
 
 
 @runtime_checkable
@@ -61,7 +61,7 @@ class ExporterRegistry(CollectorRegistry):
         return list(self._ordered)
 
 
-class _Families:
+class Families:
     """Some collectors seen as one registry, for the client library's formatters."""
 
     def __init__(self, collectors: Sequence[Collector]) -> None:
@@ -75,7 +75,7 @@ class _Families:
 def render(registry: CollectorRegistry, openmetrics: bool) -> bytes:
     """The whole exposition of registry in the text format or OpenMetrics."""
     if not isinstance(registry, ExporterRegistry):
-        return _generate_openmetrics(registry) if openmetrics else generate_latest(registry)
+        return generate_openmetrics(registry) if openmetrics else generate_latest(registry)
     out: list[str] = []
     others: list[Collector] = []
     for collector in registry.collectors():
@@ -83,9 +83,9 @@ def render(registry: CollectorRegistry, openmetrics: bool) -> bytes:
             collector.render(out, openmetrics)
         else:
             others.append(collector)
-    families = _Families(others)
+    families = Families(others)
     if openmetrics:
-        rest = _generate_openmetrics(families).decode()
+        rest = generate_openmetrics(families).decode()
         out.append(rest.removesuffix(EOF))
         out.append(EOF)
     else:

@@ -30,6 +30,8 @@ from prometheus_client import Counter
 
 from exporter import metrics as m
 from exporter.keys import REGISTRY, SETTINGS, SPAN_METRICS
+from exporter.spanmetrics import JobSpan
+from jobs import telemetry as attr
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,11 @@ JSON = "application/json"
 MAX_BODY_BYTES = 32 * 1024 * 1024
 FORWARD_TIMEOUT = 10.0
 # Protobuf SpanKind is the SDK's SpanKind shifted by one (0 is UNSPECIFIED).
-_KINDS = {kind.value + 1: kind for kind in SpanKind}
+_CONSUMER = SpanKind.CONSUMER.value + 1
+# The only attributes the metrics read, and their places in a JobSpan's value list.
+_WANTED = {attr.TENANT: 0, attr.OUTCOME: 1, attr.QUEUE_WAIT: 2, attr.VECTOR_COUNT: 3}
+# Stands for an attribute of a type no metric accepts, so validation refuses the span.
+_INVALID = object()
 FORWARDER: web.AppKey[Forwarder] = web.AppKey("otlp_forwarder")
 
 
@@ -96,34 +102,48 @@ async def receive_traces(request: web.Request) -> web.Response:
         return _error(exc.status, str(exc), content_type)
     except (DecodeError, json_format.ParseError, UnicodeDecodeError) as exc:
         return _error(400, f"malformed {content_type} ExportTraceServiceRequest: {exc}", content_type)
-    metrics = request.app[SPAN_METRICS]
-    for span in _spans(export):
-        metrics.record(source="otlp", **span)
+    request.app[SPAN_METRICS].record_batch(job_spans(export), "otlp")
     forwarder = request.app.get(FORWARDER)
     if forwarder is not None:
         forwarder.submit(export.SerializeToString())
     return _reply(ExportTraceServiceResponse(), content_type, 200)
 
 
-def _spans(export: ExportTraceServiceRequest) -> Iterator[dict[str, Any]]:
+def job_spans(export: ExportTraceServiceRequest) -> Iterator[JobSpan]:
+    """The job spans of an export request, filtered by name and kind before any attribute is read."""
+    wanted = _WANTED
     for resource_spans in export.resource_spans:
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
-                yield {
-                    "name": span.name,
-                    "kind": _KINDS.get(span.kind, SpanKind.INTERNAL),
-                    "start_ns": span.start_time_unix_nano,
-                    "end_ns": span.end_time_unix_nano,
-                    "attributes": {kv.key: _value(kv.value) for kv in span.attributes},
-                    "trace_id": int.from_bytes(span.trace_id, "big") if span.trace_id else 0,
-                }
+                if span.kind != _CONSUMER or span.name != attr.JOB_SPAN:
+                    continue
+                values: list[object] = [None, None, None, None]
+                for kv in span.attributes:
+                    index = wanted.get(kv.key)
+                    if index is not None:
+                        values[index] = _value(kv.value)
+                trace_id = span.trace_id
+                yield (
+                    values[0],
+                    values[1],
+                    span.start_time_unix_nano,
+                    span.end_time_unix_nano,
+                    values[2],
+                    values[3],
+                    int.from_bytes(trace_id, "big") if trace_id else 0,
+                )
 
 
-def _value(value: AnyValue) -> Any:
+def _value(value: AnyValue) -> object:
     field = value.WhichOneof("value")
-    if field is None or field in ("array_value", "kvlist_value", "bytes_value"):
-        return None
-    return getattr(value, field)
+    if field == "string_value":
+        return value.string_value
+    if field == "int_value":
+        return value.int_value
+    if field == "double_value":
+        return value.double_value
+    # Booleans, bytes, arrays and maps are never valid for the attributes read here.
+    return _INVALID if field is not None else None
 
 
 class _BadRequestError(Exception):
