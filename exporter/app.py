@@ -14,9 +14,11 @@ from exporter import api, otlp, status_page
 from exporter.auth import TokenAuth, check_bearer
 from exporter.errors import error_response
 from exporter.keys import AUTH, ENQUEUE, REGISTRY, SETTINGS, SPAN_METRICS, STATE, STORE
+from exporter.leader import StateLeadership
 from exporter.spanmetrics import SpanMetrics
 from exporter.state import DepthSource, StateCollector
 from jobs.errors import StoreUnavailableError
+from jobs.lease import Lease
 from jobs.model import Job
 from jobs.settings import Settings
 from jobs.store import JobStore
@@ -33,8 +35,12 @@ def create_app(
     span_metrics: SpanMetrics | None = None,
     depth_source: DepthSource | None = None,
     enqueue: Callable[[Job], Awaitable[None]] | None = None,
+    lease: Lease | None = None,
 ) -> web.Application:
-    """Build the exporter app over store; pass span_metrics to share one with an in-process worker."""
+    """Build the exporter app over store; pass span_metrics to share one with an in-process worker.
+
+    lease is the state lease exporters sharing the store elect a state reader with (role "elect").
+    """
     registry = registry or CollectorRegistry()
     app = web.Application(client_max_size=otlp.MAX_BODY_BYTES)
     app[SETTINGS] = settings
@@ -42,6 +48,7 @@ def create_app(
     app[REGISTRY] = registry
     app[AUTH] = TokenAuth.parse(settings.api_tokens)
     app[SPAN_METRICS] = span_metrics or SpanMetrics(registry, tenant_limit=settings.tenant_label_limit)
+    leadership = StateLeadership(settings.state_role, lease)
     app[STATE] = StateCollector(
         store,
         registry,
@@ -51,11 +58,14 @@ def create_app(
         stuck_after=settings.stuck_after,
         depth_source=depth_source,
         queue_name=settings.queue_name,
+        is_leader=leadership.is_leader,
     )
+    leadership.on_elected = app[STATE].wake
     if enqueue is not None:
         app[ENQUEUE] = enqueue
     if not app[AUTH].enabled:
         log.warning("no API tokens configured: the API is open to every caller (set EMBEDDING_JOBS_API_TOKENS)")
+    app.cleanup_ctx.append(leadership.cleanup_ctx)
     app.cleanup_ctx.append(_state_refresher)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
