@@ -7,7 +7,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiohttp import web
@@ -17,7 +17,7 @@ from pytest_aiohttp.plugin import AiohttpClient
 
 from exporter.app import create_app
 from exporter.keys import STATE
-from exporter.leader import StateLeadership
+from exporter.leader import POLLS_PER_DURATION, StateLeadership
 from jobs import lease as lease_module
 from jobs.lease import Lease
 from jobs.model import Job, JobStatus
@@ -118,9 +118,7 @@ async def _has(client: Client, name: str) -> bool:
 
 async def test_a_clean_shutdown_hands_the_lease_over_at_once(exporter: Exporter) -> None:
     (a, _, lease_a), (b, _, lease_b) = await exporter(), await exporter()
-    await wait_until(
-        lambda: _async(lease_a.held() != lease_b.held()), "one exporter to win the state lease", within=10
-    )
+    await wait_until(lambda: _async(lease_a.held() != lease_b.held()), "one exporter to win the state lease", within=10)
     leader, follower, follower_lease = (a, b, lease_b) if lease_a.held() else (b, a, lease_a)
     stopped = time.monotonic()
     await leader.close()  # runs the app's cleanup: the elector releases the lease
@@ -133,9 +131,7 @@ async def test_a_clean_shutdown_hands_the_lease_over_at_once(exporter: Exporter)
 
 async def test_a_leader_that_cannot_renew_stops_before_another_takes_over(exporter: Exporter) -> None:
     (_, _, lease_a), (_, _, lease_b) = await exporter(), await exporter()
-    await wait_until(
-        lambda: _async(lease_a.held() != lease_b.held()), "one exporter to win the state lease", within=10
-    )
+    await wait_until(lambda: _async(lease_a.held() != lease_b.held()), "one exporter to win the state lease", within=10)
     leader, follower = (lease_a, lease_b) if lease_a.held() else (lease_b, lease_a)
     await leader.backend.close()  # its store connection is gone: every renewal now fails
     timeline: list[tuple[float, bool, bool]] = []
@@ -186,3 +182,22 @@ async def test_state_collector_wakes_at_once_on_winning(exporter: Exporter) -> N
     assert client.app[STATE].refreshed.is_set()
     assert lease.held()
     assert time.monotonic() - started < INTERVAL, "the first read waits for no interval"
+
+
+async def test_lease_traffic_is_a_few_point_operations_per_interval(exporter: Exporter) -> None:
+    (_, store_a, lease_a), (_, store_b, lease_b) = await exporter(), await exporter()
+    await wait_until(lambda: _async(lease_a.held() != lease_b.held()), "one exporter to win the state lease", within=10)
+    backends = [cast(SQLiteLeaseBackend, lease.backend) for lease in (lease_a, lease_b)]
+    calls = [b.calls for b in backends]
+    reads = store_a.reads + store_b.reads
+    started = time.monotonic()
+    await asyncio.sleep(5 * INTERVAL)  # the measuring window, not a synchronisation
+    intervals = (time.monotonic() - started) / INTERVAL
+    assert lease_a.held() != lease_b.held(), "leadership changed during the window"
+    for backend, before in zip(backends, calls, strict=True):
+        # The leader's renewal is one conditional write, a follower's poll one point read.
+        per_interval = (backend.calls - before) / intervals
+        assert POLLS_PER_DURATION - 1 <= per_interval <= POLLS_PER_DURATION + 1
+    # One refresh per interval, of two store reads (counters and stuck jobs), by the leader alone.
+    state_reads = (store_a.reads + store_b.reads - reads) / intervals
+    assert 1 <= state_reads <= 2 * 1.25
