@@ -4,8 +4,9 @@
     python -m alerts.build --slo 0.995 --job my-scrape-job --output /tmp/rules.yaml
 
 The committed file is the rendering of `RuleParams()`; tests/test_alerts.py checks that they agree.
-Several replicas export the same state gauges, so those are aggregated with `max by`; event
-counters are per replica and are summed.
+State gauges and the store-refresh metrics come from the one exporter holding the state lease,
+which changes hands: they are aggregated per job (`max by`, sums by job), never per instance,
+so a handover neither resets nor duplicates an alert. Event counters are per replica and summed.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ class RuleParams:
     refresh_for: str = "10m"
     stale_after_seconds: float = 300
     stale_for: str = "1m"
+    # A dead leader is replaced within two refresh intervals (30 s by default); minutes without
+    # one mean the lease cannot be taken at all.
+    no_leader_for: str = "3m"
     # The `job` label Prometheus gives the exporter's scrape target: the scrape config's job_name,
     # or with the Prometheus Operator the Service name (ServiceMonitor) or "namespace/name" (PodMonitor).
     job: str = "embedding-jobs"
@@ -291,27 +295,40 @@ def alerting_rules(params: RuleParams) -> list[dict[str, object]]:
         _alert(
             p,
             "EmbeddingExporterStoreRefreshFailing",
-            "sum by (job, instance) (rate(embedding_exporter_store_refresh_errors_total"
+            "sum by (job) (rate(embedding_exporter_store_refresh_errors_total"
             f"[{p.refresh_window}]))\n/\n"
-            "sum by (job, instance) (rate(embedding_exporter_store_refresh_duration_seconds_count"
+            "sum by (job) (rate(embedding_exporter_store_refresh_duration_seconds_count"
             f"[{p.refresh_window}]))\n> {_number(p.refresh_error_ratio)}",
             for_=p.refresh_for,
             severity="warning",
-            summary="Exporter {{ $labels.instance }} cannot read the job store",
-            description="Exporter {{ $labels.instance }}: {{ $value | humanizePercentage }} of its reads of the job "
-            f"store failed or timed out over the last {p.refresh_window}; its job gauges are going stale.",
+            summary="The embedding-jobs exporters of {{ $labels.job }} cannot read the job store",
+            description="Job {{ $labels.job }}: {{ $value | humanizePercentage }} of the state leader's reads of "
+            f"the job store failed or timed out over the last {p.refresh_window}; the job gauges are going stale.",
             tenant=False,
         ),
         _alert(
             p,
             "EmbeddingExporterStateStale",
-            "time() - max by (job, instance) (embedding_exporter_store_last_success_timestamp_seconds)\n"
+            "time() - max by (job) (embedding_exporter_store_last_success_timestamp_seconds)\n"
             f"> {_number(p.stale_after_seconds)}",
             for_=p.stale_for,
             severity="warning",
-            summary="Job gauges of exporter {{ $labels.instance }} are stale",
-            description="Exporter {{ $labels.instance }} last read the job store {{ $value | humanizeDuration }} "
-            "ago. Its job, stuck-job and queue gauges show old values, and the alerts built on them are blind.",
+            summary="Job gauges of {{ $labels.job }} are stale",
+            description="The state leader of job {{ $labels.job }} last read the job store "
+            "{{ $value | humanizeDuration }} ago. The job, stuck-job and queue gauges show old values, "
+            "and the alerts built on them are blind.",
+            tenant=False,
+        ),
+        _alert(
+            p,
+            "EmbeddingExporterNoStateLeader",
+            "sum by (job) (embedding_exporter_state_leader) == 0",
+            for_=p.no_leader_for,
+            severity="warning",
+            summary="No embedding-jobs exporter of {{ $labels.job }} reads the job store",
+            description="Exporters of job {{ $labels.job }} are up, but none has held the state lease for "
+            f"{p.no_leader_for}: no job, stuck-job or queue gauges are exported, and the alerts built on them "
+            "are blind.",
             tenant=False,
         ),
         _alert(

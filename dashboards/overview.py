@@ -1,13 +1,15 @@
 """The overview dashboard: throughput, success, per-tenant status, backlog, latency, queue, exporter health.
 
-State gauges are exported identically by every replica, so they are read with `max by`;
-event counters and histograms are per replica and are summed. Per-tenant time series are
-limited to the ten worst tenants so a large tenant count stays readable.
+State gauges come from the one exporter holding the state lease and are read with `max by`,
+which stays right across a handover; event counters and histograms are per replica and are
+summed. Per-tenant time series are limited to the ten worst tenants so a large tenant count
+stays readable.
 """
 
 from __future__ import annotations
 
 from grafana_foundation_sdk.builders import dashboard, prometheus, table
+from grafana_foundation_sdk.models import common as common_models
 from grafana_foundation_sdk.models import dashboard as dashboard_models
 
 from alerts.build import DASHBOARD_WINDOWS, RuleParams, duration_p95_record, error_ratio_record
@@ -271,7 +273,8 @@ def overview(params: RuleParams) -> dashboard.Dashboard:
         .with_panel(
             timeseries_panel(
                 "Job gauge age",
-                "Seconds since each exporter last read the job store: the state gauges are this old.",
+                "Seconds since the state leader last read the job store: the state gauges are this old "
+                "(a line per exporter that held the lease).",
                 [
                     query(
                         "time() - max by (instance) (embedding_exporter_store_last_success_timestamp_seconds)",
@@ -286,7 +289,7 @@ def overview(params: RuleParams) -> dashboard.Dashboard:
         .with_panel(
             timeseries_panel(
                 "Store refresh duration",
-                "95th percentile of the time each exporter takes to read the job store for state metrics.",
+                "95th percentile of the time the state leader takes to read the job store for state metrics.",
                 [
                     query(
                         "histogram_quantile(0.95,\n  sum by (instance, le) "
@@ -301,7 +304,7 @@ def overview(params: RuleParams) -> dashboard.Dashboard:
         .with_panel(
             timeseries_panel(
                 "Store refresh errors",
-                "Failed or timed-out reads of the job store per second, by exporter.",
+                "Failed or timed-out reads of the job store per second, by exporter (only the state leader reads).",
                 [
                     query(
                         f"sum by (instance) (rate(embedding_exporter_store_refresh_errors_total[{RATE}]))",
@@ -309,7 +312,19 @@ def overview(params: RuleParams) -> dashboard.Dashboard:
                     )
                 ],
                 unit="ops",
+                width=THIRD,
             )
+        )
+        .with_panel(
+            stat_panel(
+                "State leader",
+                "The exporter holding the state lease, the only one reading the job store for state metrics. "
+                "Empty: no exporter holds it (EmbeddingExporterNoStateLeader).",
+                [query('max by (instance) (embedding_exporter_state_leader{job=~"$job"}) == 1', "{{instance}}")],
+                unit="none",
+                width=THIRD,
+                height=8,
+            ).text_mode(common_models.BigValueTextMode.NAME)
         )
         .with_panel(
             timeseries_panel(
@@ -326,6 +341,7 @@ def overview(params: RuleParams) -> dashboard.Dashboard:
                     ),
                 ],
                 unit="ops",
+                width=THIRD,
             )
         )
     )

@@ -1,6 +1,6 @@
 """The per-tenant drill-down dashboard: one tenant, picked in the `tenant` variable.
 
-Same aggregation rules as the overview: `max by` for the state gauges every replica exports,
+Same aggregation rules as the overview: `max by` for the state gauges (from the state leader),
 `sum` for per-replica counters and histograms.
 """
 

@@ -7,7 +7,9 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from jobs.lease import Lease, LeaseBackend
 from jobs.settings import Settings
+from jobs.sqlite_lease import SQLiteLeaseBackend
 from jobs.sqlite_store import SQLiteJobStore
 from jobs.store import JobStore
 from worker.consumer import ConsumerConfig
@@ -31,6 +33,7 @@ class Backends:
     store: JobStore
     shards: ShardStore
     queue: Queue
+    state_lease: Lease | None = None
 
 
 async def open_job_store(settings: Settings, client: CosmosClient | None = None) -> JobStore:
@@ -69,6 +72,28 @@ async def open_shard_store(settings: Settings, client: CosmosClient | None = Non
             container=settings.cosmos_shards_container,
         )
     raise BackendUnavailableError(f"shard store for {settings.store!r} is not available in this installation")
+
+
+async def open_state_lease(settings: Settings, client: CosmosClient | None = None) -> Lease:
+    """The lease exporters on the store of settings.store elect their one state reader with."""
+    backend: LeaseBackend
+    if settings.store == "sqlite":
+        backend = await SQLiteLeaseBackend.open(settings.sqlite_path)
+    elif settings.store == "cosmos":
+        from jobs.cosmos_lease import CosmosLeaseBackend
+
+        _require_cosmos(settings)
+        backend = await CosmosLeaseBackend.open(
+            endpoint=settings.cosmos_endpoint,
+            key=settings.cosmos_key,
+            client=client,
+            database=settings.cosmos_database,
+            container=settings.cosmos_leases_container,
+        )
+    else:
+        raise BackendUnavailableError(f"no state lease for store {settings.store!r} in this installation")
+    # One refresh interval: a dead leader is then replaced within 1.5 intervals (exporter/leader.py).
+    return Lease(backend, duration=settings.refresh_interval)
 
 
 def _require_cosmos(settings: Settings) -> None:
@@ -139,8 +164,8 @@ def consumer_config(settings: Settings) -> ConsumerConfig:
 
 
 @asynccontextmanager
-async def open_backends(settings: Settings) -> AsyncIterator[Backends]:
-    """Open store, shard store and queue; close them all on exit."""
+async def open_backends(settings: Settings, *, state_lease: bool = False) -> AsyncIterator[Backends]:
+    """Open store, shard store and queue (and the state lease if asked for); close them all on exit."""
     async with AsyncExitStack() as stack:
         client = None
         if settings.store == "cosmos":
@@ -157,4 +182,8 @@ async def open_backends(settings: Settings) -> AsyncIterator[Backends]:
         stack.push_async_callback(shards.close)
         queue = await open_queue(settings)
         stack.push_async_callback(queue.close)
-        yield Backends(store=store, shards=shards, queue=queue)
+        lease = None
+        if state_lease:
+            lease = await open_state_lease(settings, client)
+            stack.push_async_callback(lease.close)
+        yield Backends(store=store, shards=shards, queue=queue, state_lease=lease)

@@ -156,7 +156,12 @@ async def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     """Local all-in-one: exporter, ingest, work the queue, show a per-tenant summary."""
     registry = ExporterRegistry()
     span_metrics = SpanMetrics(registry, tenant_limit=settings.tenant_label_limit, detail=settings.metrics_detail)
-    async with open_backends(settings) as backends, serve_exporter(settings, backends, registry, span_metrics) as url:
+    # The only exporter of this store, whatever the role setting says.
+    exporter_settings = settings.with_changes(state_role="always")
+    async with (
+        open_backends(settings) as backends,
+        serve_exporter(exporter_settings, backends, registry, span_metrics) as url,
+    ):
         print(f"status page and API: {url}  metrics: {url}metrics", file=sys.stderr)
         if args.ingest:
             await _ingest(backends, args.ingest, "default")
@@ -183,7 +188,11 @@ async def cmd_exporter(settings: Settings, args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     registry = ExporterRegistry()
     span_metrics = SpanMetrics(registry, tenant_limit=settings.tenant_label_limit, detail=settings.metrics_detail)
-    async with open_backends(settings) as backends, serve_exporter(settings, backends, registry, span_metrics) as url:
+    elect = settings.state_role == "elect"
+    async with (
+        open_backends(settings, state_lease=elect) as backends,
+        serve_exporter(settings, backends, registry, span_metrics) as url,
+    ):
         print(f"exporter listening on {url}", file=sys.stderr, flush=True)
         await stop.wait()
     return 0
@@ -206,7 +215,13 @@ async def serve_exporter(
         return {"active": d.active, "scheduled": d.scheduled, "dead_letter": d.dead_letter}
 
     app = create_app(
-        settings, backends.store, registry=registry, span_metrics=span_metrics, depth_source=depth, enqueue=enqueue
+        settings,
+        backends.store,
+        registry=registry,
+        span_metrics=span_metrics,
+        depth_source=depth,
+        enqueue=enqueue,
+        lease=backends.state_lease,
     )
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()

@@ -13,10 +13,12 @@ from exporter import api, exposition, otlp, status_page
 from exporter.auth import TokenAuth, check_bearer
 from exporter.errors import error_response
 from exporter.keys import AUTH, ENQUEUE, REGISTRY, SCRAPE, SETTINGS, SPAN_METRICS, STATE, STORE
+from exporter.leader import StateLeadership
 from exporter.scrape import ScrapeCache
 from exporter.spanmetrics import SpanMetrics
 from exporter.state import DepthSource, StateCollector
 from jobs.errors import StoreUnavailableError
+from jobs.lease import Lease
 from jobs.model import Job
 from jobs.settings import Settings
 from jobs.store import JobStore
@@ -33,8 +35,12 @@ def create_app(
     span_metrics: SpanMetrics | None = None,
     depth_source: DepthSource | None = None,
     enqueue: Callable[[Job], Awaitable[None]] | None = None,
+    lease: Lease | None = None,
 ) -> web.Application:
-    """Build the exporter app over store; pass span_metrics to share one with an in-process worker."""
+    """Build the exporter app over store; pass span_metrics to share one with an in-process worker.
+
+    lease is the state lease exporters sharing the store elect a state reader with (role "elect").
+    """
     # `_created` series double the cost of every counter and histogram and nothing here reads them.
     disable_created_metrics()  # type: ignore[no-untyped-call]
     registry = registry if registry is not None else exposition.ExporterRegistry()
@@ -46,6 +52,7 @@ def create_app(
     app[SPAN_METRICS] = span_metrics or SpanMetrics(
         registry, tenant_limit=settings.tenant_label_limit, detail=settings.metrics_detail
     )
+    leadership = StateLeadership(settings.state_role, lease)
     app[STATE] = StateCollector(
         store,
         registry,
@@ -55,12 +62,15 @@ def create_app(
         stuck_after=settings.stuck_after,
         depth_source=depth_source,
         queue_name=settings.queue_name,
+        is_leader=leadership.is_leader,
     )
+    leadership.on_elected = app[STATE].wake
     if enqueue is not None:
         app[ENQUEUE] = enqueue
     if not app[AUTH].enabled:
         log.warning("no API tokens configured: the API is open to every caller (set EMBEDDING_JOBS_API_TOKENS)")
     app[SCRAPE] = ScrapeCache(lambda openmetrics: exposition.render(registry, openmetrics), settings.metrics_cache_ttl)
+    app.cleanup_ctx.append(leadership.cleanup_ctx)
     app.cleanup_ctx.append(_state_refresher)
     app.cleanup_ctx.append(_scrape_cache)
     app.router.add_get("/metrics", metrics)

@@ -6,7 +6,8 @@ from typing import Final
 
 from jobs.telemetry import Outcome
 
-# State metrics (read from the store; every replica exports the same values: aggregate with max).
+# State metrics (read from the store by the one exporter holding the state lease; `max by` keeps
+# queries right during a handover and with a forced role on several replicas).
 JOBS: Final = "embedding_jobs"
 JOBS_HELP: Final = "Jobs per tenant and status, from the store's per-tenant counters."
 JOBS_STUCK: Final = "embedding_jobs_stuck"
@@ -30,6 +31,8 @@ VECTORS_HELP: Final = "Vectors produced by completed attempts."
 REFRESH_DURATION: Final = "embedding_exporter_store_refresh_duration_seconds"
 REFRESH_ERRORS: Final = "embedding_exporter_store_refresh_errors"
 REFRESH_LAST_SUCCESS: Final = "embedding_exporter_store_last_success_timestamp_seconds"
+STATE_LEADER: Final = "embedding_exporter_state_leader"
+STATE_LEADER_HELP: Final = "1 while this exporter reads and exports the state metrics (the state leader), else 0."
 SPANS_RECEIVED: Final = "embedding_exporter_spans_received"
 SPANS_RECEIVED_HELP: Final = "Job spans turned into metrics, by source."
 SPANS_DROPPED: Final = "embedding_exporter_spans_dropped"

@@ -8,14 +8,15 @@ Staleness shows in the last-success timestamp and the error counter.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from exporter import exposition as ex
@@ -55,6 +56,7 @@ class StateCollector(Collector):
         stuck_after: float = 900.0,
         depth_source: DepthSource | None = None,
         queue_name: str = "embedding-jobs",
+        is_leader: Callable[[], bool] = lambda: True,
     ) -> None:
         self.store = store
         self.limiter = limiter
@@ -65,25 +67,43 @@ class StateCollector(Collector):
         self.queue_name = queue_name
         self.snapshot = Snapshot()
         self.refreshed = asyncio.Event()
+        # Only the state leader reads the store; the others export none of what a read produces.
+        self.is_leader = is_leader
+        self._wake = asyncio.Event()
         self._duration = Histogram(
             m.REFRESH_DURATION,
             "Time taken to read state metrics from the store.",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
-            registry=registry,
+            registry=None,
         )
         self._errors = Counter(
-            m.REFRESH_ERRORS, "Failed or timed-out reads of state metrics from the store.", registry=registry
+            m.REFRESH_ERRORS, "Failed or timed-out reads of state metrics from the store.", registry=None
         )
         self._last_success = Gauge(
-            m.REFRESH_LAST_SUCCESS, "Unix time of the last successful read of state metrics.", registry=registry
+            m.REFRESH_LAST_SUCCESS, "Unix time of the last successful read of state metrics.", registry=None
         )
+        # A follower's last-success time would age and fire the stale-state alert: leader only.
+        registry.register(_LeaderOnly(is_leader, (self._duration, self._errors, self._last_success)))
+        Gauge(m.STATE_LEADER, m.STATE_LEADER_HELP, registry=registry).set_function(lambda: float(self.is_leader()))
         registry.register(self)
 
     async def run(self) -> None:
-        """Refresh forever on the interval (cancel to stop)."""
+        """Refresh on the interval while leader, at once when woken (cancel to stop)."""
         while True:
-            await self.refresh()
-            await asyncio.sleep(self.interval)
+            self._wake.clear()
+            if self.is_leader():
+                await self.refresh()
+            else:
+                # Regaining leadership must not serve what was read before the last term.
+                self.snapshot = Snapshot()
+                self.refreshed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.interval):
+                    await self._wake.wait()
+
+    def wake(self) -> None:
+        """Refresh now instead of at the end of the interval (on winning leadership)."""
+        self._wake.set()
 
     async def refresh(self) -> bool:
         """Read a new snapshot within the timeout; on failure keep the old one and count the error."""
@@ -136,7 +156,9 @@ class StateCollector(Collector):
         return _StateFamilies(jobs, dict(sorted(stuck.items())), snapshot.depth)
 
     def render(self, out: list[str], openmetrics: bool) -> None:
-        """Append the state gauges to out in the text or OpenMetrics format."""
+        """Append the state gauges to out in the text or OpenMetrics format (nothing on a follower)."""
+        if not self.is_leader():
+            return
         families = self._families()
         ex.header(out, m.JOBS, m.JOBS_HELP, "gauge", openmetrics)
         for (tenant, status_name), value in families.jobs.items():
@@ -156,6 +178,8 @@ class StateCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """The same gauges as standard metric families (for registry readers; slower than render)."""
+        if not self.is_leader():
+            return
         families = self._families()
         jobs = GaugeMetricFamily(m.JOBS, m.JOBS_HELP, labels=["tenant", "status"])
         for (tenant, status_name), value in families.jobs.items():
@@ -180,3 +204,22 @@ class _StateFamilies:
     jobs: Mapping[tuple[str, str], float]
     stuck: Mapping[tuple[str, str], tuple[float, float]]
     depth: Mapping[str, int] | None
+
+
+class _LeaderOnly(Collector):
+    """Serves some metrics only while this exporter is the state leader."""
+
+    def __init__(self, is_leader: Callable[[], bool], collectors: Iterable[Counter | Gauge | Histogram]) -> None:
+        self.is_leader = is_leader
+        self.collectors = tuple(collectors)
+
+    def describe(self) -> Iterator[Metric]:
+        """Every wrapped metric, leader or not, so the registry can refuse duplicate names."""
+        for collector in self.collectors:
+            yield from collector.describe()
+
+    def collect(self) -> Iterator[Metric]:
+        """The wrapped metrics, or nothing on a follower."""
+        if self.is_leader():
+            for collector in self.collectors:
+                yield from collector.collect()

@@ -340,6 +340,7 @@ async def run_init_db(settings: Settings) -> list[str]:
             settings.cosmos_container,
             settings.cosmos_shards_container,
             retention=retention_of(settings),
+            leases_container=settings.cosmos_leases_container,
         )
     finally:
         await connection.close()

@@ -111,6 +111,13 @@ class Settings:
     )
     refresh_interval: float = _opt(15.0, "seconds between reads of the store for state metrics", "exporter")
     refresh_timeout: float = _opt(10.0, "seconds a store read for state metrics may take", "exporter")
+    state_role: str = _opt(
+        "elect",
+        "which exporters read the store for state metrics: one elected per store through a lease, "
+        "always (this one), or never",
+        "exporter",
+        choices=("elect", "always", "never"),
+    )
     stuck_after: float = _opt(900.0, "seconds in pending/processing before a job counts as stuck", "exporter")
     forward_otlp_endpoint: str = _opt("", "forward received spans to this OTLP/HTTP base URL", "exporter")
     forward_queue_size: int = _opt(1024, "span batches held for forwarding before dropping", "exporter")

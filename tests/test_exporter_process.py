@@ -7,7 +7,9 @@ import contextlib
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+import tempfile
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -28,38 +30,67 @@ def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
     return out
 
 
+@dataclass
+class ExporterProcess:
+    """A running `embedding-jobs exporter` and its base URL."""
+
+    process: asyncio.subprocess.Process
+    base: str
+
+    async def kill(self) -> None:
+        """SIGKILL it, as an OOM kill or a lost node would: no clean shutdown."""
+        self.process.kill()
+        await self.process.wait()
+
+
+@contextlib.asynccontextmanager
+async def exporter_process(
+    data_dir: Path, *args: str, env: Mapping[str, str] | None = None
+) -> AsyncIterator[ExporterProcess]:
+    """An `embedding-jobs exporter` process on a free port, answering /healthz.
+
+    Stopped with SIGTERM on exit (unless killed before), which it must survive with status 0.
+    """
+    port = free_port()
+    # A file, not a pipe: nobody reads stderr while it runs, and a full pipe would block it.
+    with tempfile.TemporaryFile(dir=data_dir) as log:
+        exporter = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "embedding_jobs",
+            "exporter",
+            "--exporter-port",
+            str(port),
+            *args,
+            env=cli_env(data_dir, **(env or {})),
+            stderr=log,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            async with aiohttp.ClientSession() as session:
+
+                async def healthy() -> bool:
+                    try:
+                        async with session.get(f"{base}/healthz") as response:
+                            return response.status == 200
+                    except aiohttp.ClientConnectionError:
+                        return False
+
+                await wait_until(healthy, "the exporter to start", within=20)
+            yield ExporterProcess(exporter, base)
+        finally:
+            if exporter.returncode is None:
+                exporter.terminate()
+                await asyncio.wait_for(exporter.wait(), 20)
+                log.seek(0)
+                assert exporter.returncode == 0, log.read().decode()
+
+
 @contextlib.asynccontextmanager
 async def running_exporter(data_dir: Path, *args: str) -> AsyncIterator[str]:
     """An `embedding-jobs exporter` process on a free port, answering /healthz; yields its base URL."""
-    port = free_port()
-    exporter = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "embedding_jobs",
-        "exporter",
-        "--exporter-port",
-        str(port),
-        *args,
-        env=cli_env(data_dir),
-        stderr=subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession() as session:
-
-            async def healthy() -> bool:
-                try:
-                    async with session.get(f"{base}/healthz") as response:
-                        return response.status == 200
-                except aiohttp.ClientConnectionError:
-                    return False
-
-            await wait_until(healthy, "the exporter to start", within=20)
-        yield base
-    finally:
-        exporter.terminate()
-        _, err = await asyncio.wait_for(exporter.communicate(), 20)
-    assert exporter.returncode == 0, err.decode()
+    async with exporter_process(data_dir, *args) as exporter:
+        yield exporter.base
 
 
 async def test_worker_spans_reach_a_separate_exporter_over_otlp(tmp_path: Path) -> None:
