@@ -100,7 +100,7 @@ async def metrics(request: web.Request) -> web.Response:
         return error_response(401, "unauthorized", "a valid bearer token is required for /metrics")
     openmetrics = _accepts_openmetrics(request.headers.get("Accept", ""))
     gzipped = _accepts_gzip(request.headers.get("Accept-Encoding", ""))
-    body = await request.app[SCRAPE].body(openmetrics, gzipped)
+    body = await request.app[SCRAPE].body(openmetrics, gzipped, request.app[STATE].is_leader())
     response = web.Response(body=body)
     response.headers["Content-Type"] = (
         exposition.OPENMETRICS_CONTENT_TYPE if openmetrics else exposition.TEXT_CONTENT_TYPE

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 # which is mostly repeated names and labels, well over tenfold.
 GZIP_LEVEL = 1
 
-Key = tuple[bool, bool]  # (openmetrics, gzip)
+Key = tuple[bool, bool, bool]  # (openmetrics, gzip, leader)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,9 +38,12 @@ class ScrapeCache:
         self._pending: dict[Key, asyncio.Future[_Body]] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics-render")
 
-    async def body(self, openmetrics: bool, gzipped: bool) -> bytes:
-        """The exposition in the asked format, gzip'd if asked, at most ttl seconds old."""
-        key = (openmetrics, gzipped)
+    async def body(self, openmetrics: bool, gzipped: bool, leader: bool = True) -> bytes:
+        """The exposition in the asked format, gzip'd if asked, at most ttl seconds old.
+
+        leader is whether this exporter reads state now: a body made in another role is never served.
+        """
+        key = (openmetrics, gzipped, leader)
         cached = self._bodies.get(key)
         if cached is not None and time.monotonic() - cached.made < self.ttl:
             return cached.data
