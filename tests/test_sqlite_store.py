@@ -146,7 +146,7 @@ async def test_jobs_are_read_as_the_json_records_they_were_written_as(tmp_path: 
         shard_id="s",
         shard_type_id="d",
         status=JobStatus.COMPLETED,
-        error="é \"quoted\"\n\x01",
+        error='é "quoted"\n\x01',
         created_at=datetime(2026, 1, 2, 3, 4, 5, 6000, tzinfo=UTC),
         updated_at=datetime(2026, 1, 2, 3, 4, 6, tzinfo=UTC),
         completed_at=datetime(2026, 1, 2, 3, 4, 6, tzinfo=UTC),
@@ -159,3 +159,14 @@ async def test_jobs_are_read_as_the_json_records_they_were_written_as(tmp_path: 
     for job in (read, listed):
         assert json.loads(job.to_json_text()) == written.to_json()
         assert job == written
+
+
+async def test_a_reopened_job_has_no_completed_at_in_its_record(tmp_path: Path) -> None:
+    async with await SQLiteJobStore.open(tmp_path / "jobs.db") as store:
+        await store.create(Job.new(job_id="j", tenant_id="t", shard_id="s", shard_type_id="d"))
+        await store.transition("t", "j", JobStatus.PENDING, JobStatus.DEAD_LETTERED, error="gave up")
+        reopened = await store.transition("t", "j", JobStatus.DEAD_LETTERED, JobStatus.PENDING)
+        for job in (reopened, await store.get("t", "j")):
+            record = json.loads(job.to_json_text())
+            assert "completedAt" not in record
+            assert record["error"] == "gave up"
