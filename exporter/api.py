@@ -172,6 +172,17 @@ def _not_found(exc: JobNotFoundError) -> _Reject:
     return _Reject(404, "not_found", str(exc))
 
 
+def _job_response(job: Job, status: int = 200) -> web.Response:
+    return web.Response(text=job.to_json_text(), status=status, content_type="application/json")
+
+
+def _page_response(jobs: Iterable[Job], continuation: str | None) -> web.Response:
+    """The list answer, assembled around each job's JSON text so no record is decoded and encoded again."""
+    items = ",".join(job.to_json_text() for job in jobs)
+    text = f'{{"items":[{items}],"continuationToken":{json.dumps(continuation)}}}'
+    return web.Response(text=text, content_type="application/json")
+
+
 def _stats_json(stats: Mapping[JobStatus, int]) -> dict[str, int]:
     """Every status, in lifecycle order, zero where the store has no count."""
     return {status.value: stats.get(status, 0) for status in JobStatus}
@@ -201,7 +212,7 @@ async def list_jobs(request: web.Request) -> web.Response:
         page = await request.app[STORE].list(tenant, status=status, limit=limit, continuation=token)
     except InvalidContinuationError as exc:
         raise _Reject(400, "invalid_continuation_token", str(exc)) from exc
-    return web.json_response({"items": [job.to_json() for job in page.items], "continuationToken": page.continuation})
+    return _page_response(page.items, page.continuation)
 
 
 # Registered before /{jobId} so that 'stats' is never read as a job id.
@@ -229,7 +240,7 @@ async def get_job(request: web.Request) -> web.Response:
         job = await request.app[STORE].get(tenant, job_id)
     except JobNotFoundError as exc:
         raise _not_found(exc) from exc
-    return web.json_response(job.to_json())
+    return _job_response(job)
 
 
 @routes.post(f"{PREFIX}/embedding-jobs/{{jobId}}/retry")
@@ -283,7 +294,7 @@ async def _retry(store: JobStore, enqueue: Callable[[Job], Awaitable[None]], job
             raise _Reject(503, "enqueue_failed", f"{reason}; the job may remain pending") from exc
         raise _Reject(503, "enqueue_failed", f"{reason}; the job is dead_lettered again") from exc
     log.info("job %s in tenant %s put back to pending by the API", job.id, job.tenant_id)
-    return web.json_response(pending.to_json(), status=202)
+    return _job_response(pending, status=202)
 
 
 @routes.get(f"{PREFIX}/overview")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import json
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from jobs.errors import IllegalTransitionError, InvalidJobError, InvalidTenantError
 from jobs.model import (
@@ -13,6 +16,7 @@ from jobs.model import (
     JobMetadata,
     JobStatus,
     check_transition,
+    format_time,
     truncate_error,
     validate_tenant_id,
 )
@@ -123,3 +127,82 @@ def test_times_are_utc() -> None:
     assert job.created_at.tzinfo is not None
     assert job.created_at.utcoffset() == datetime.now(UTC).utcoffset()
     assert JobMetadata().to_json() == {}
+
+
+def _strftime_format_time(value: datetime) -> str:
+    """format_time as it was first written (strftime), the reference for the faster one."""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+# Real zones and whole-second fixed offsets: with a sub-second offset the reference took the
+# milliseconds from the local time, not from the UTC one. Years from 1000 on: below that,
+# strftime's %Y is not zero-padded on glibc, so the reference was not ISO-8601 there.
+_OFFSETS = st.integers(min_value=-86_399, max_value=86_399).map(lambda s: timezone(timedelta(seconds=s)))
+
+
+@given(
+    st.datetimes(
+        min_value=datetime(1000, 1, 2),
+        max_value=datetime(9999, 12, 30),
+        timezones=st.one_of(st.timezones(), _OFFSETS, st.just(UTC)),
+    )
+)
+def test_format_time_equals_the_strftime_reference_for_aware_datetimes(value: datetime) -> None:
+    assert format_time(value) == _strftime_format_time(value)
+
+
+def test_format_time_zero_pads_early_years() -> None:
+    assert format_time(datetime(987, 6, 5, 4, 3, 2, 1999, tzinfo=UTC)) == "0987-06-05T04:03:02.001Z"
+
+
+def test_stored_job_serialises_as_the_stored_text_and_reads_its_fields() -> None:
+    job = Job(
+        id="job-1",
+        tenant_id="tenant-a",
+        shard_id="shard-1",
+        shard_type_id="doc",
+        status=S.FAILED,
+        retry_count=2,
+        error="é\nboom",
+        created_at=datetime(2026, 1, 2, 3, 4, 5, 6000, tzinfo=UTC),
+        updated_at=datetime(2026, 1, 2, 3, 4, 6, 7000, tzinfo=UTC),
+        metadata=JobMetadata(embedding_model="m", vector_count=3, processing_time_ms=0.30000000000000004),
+    )
+    text = json.dumps(job.to_json(), ensure_ascii=False)
+    stored = Job.from_stored_json(text)
+    assert stored.to_json_text() is text
+    assert stored == job
+    assert hash(stored) == hash(job)
+    assert (stored.status, stored.retry_count, stored.error) == (S.FAILED, 2, "é\nboom")
+    assert stored.updated_at == datetime(2026, 1, 2, 3, 4, 6, 7000, tzinfo=UTC)
+    assert stored.completed_at is None
+    assert stored.metadata.processing_time_ms == 0.30000000000000004
+    assert json.loads(job.to_json_text()) == job.to_json()
+
+
+def test_to_json_returns_a_copy_the_caller_may_change() -> None:
+    job = Job.new(job_id="j", tenant_id="t", shard_id="s", shard_type_id="doc")
+    data = job.to_json()
+    data["status"] = "completed"
+    data["metadata"]["vectorCount"] = 9
+    assert job.status is S.PENDING
+    assert job.to_json()["metadata"] == {}
+
+
+def test_with_changes_validates_and_refuses_unknown_attributes() -> None:
+    job = Job.new(job_id="j", tenant_id="t", shard_id="s", shard_type_id="doc")
+    assert job.with_changes(status=S.PROCESSING, retry_count=1).to_json() == {
+        **job.to_json(),
+        "status": "processing",
+        "retryCount": 1,
+    }
+    with pytest.raises(InvalidTenantError):
+        job.with_changes(tenant_id="bad tenant")
+    with pytest.raises(TypeError, match="colour"):
+        job.with_changes(colour="red")
+
+
+def test_fields_cannot_be_assigned() -> None:
+    job = Job.new(job_id="j", tenant_id="t", shard_id="s", shard_type_id="doc")
+    with pytest.raises(AttributeError):
+        job.status = S.COMPLETED  # type: ignore[misc]
