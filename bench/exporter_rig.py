@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gzip
 import http.client
 import os
@@ -398,6 +399,11 @@ def otlp_batches(spans: Sequence[ReadableSpan], size: int = 512) -> list[bytes]:
     return [encode_spans(spans[i : i + size]).SerializeToString() for i in range(0, len(spans), size)]
 
 
+@functools.cache
+def _batches(count: int, tenants: int) -> list[bytes]:
+    return otlp_batches(job_spans(count, tenants))
+
+
 def post_spans(client: Http, batches: Sequence[bytes], *, compress: bool = False) -> None:
     """POST each batch to /v1/traces (gzip'd when compress); raises unless each answers 200."""
     headers = {"Content-Type": PROTOBUF}
@@ -443,7 +449,7 @@ def load_tenants(server: Server, tenants: int, spans: int | None = None) -> str:
     count = 3 * tenants if spans is None else spans
     client = Http(server.base)
     try:
-        post_spans(client, otlp_batches(job_spans(count, tenants)))
+        post_spans(client, _batches(count, tenants))
         text = ""
 
         def ready() -> bool:
