@@ -23,6 +23,7 @@ from bench.exporter_rig import (
     exporter_command,
     job_spans,
     otlp_batches,
+    post_spans,
     running,
 )
 from bench.harness import Figure, interleaved, ratios, report
@@ -44,10 +45,7 @@ def ingest(server: Server, bodies: list[bytes], headers: dict[str, str]) -> Call
         before = server.cpu_seconds()
         spans = 0
         while True:
-            for body in bodies:
-                reply = client.request("POST", "/v1/traces", body, headers)
-                if reply.status != 200:
-                    raise RuntimeError(f"/v1/traces answered {reply.status}: {reply.body[:200]!r}")
+            post_spans(client, bodies, headers)
             spans += BATCH * len(bodies)
             used = server.cpu_seconds() - before
             if used >= MIN_CPU_SECONDS:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import gzip
 import http.client
 import os
 import random
@@ -247,7 +246,7 @@ def _wait_healthy(server: Server, deadline: float) -> None:
         try:
             if probe(server.base, timeout=5).status == 200:
                 return
-        except OSError:
+        except (OSError, http.client.HTTPException):
             pass
         if time.monotonic() > deadline:
             raise TimeoutError(f"server on port {server.port} did not answer /healthz:\n{server.log_tail()}")
@@ -283,8 +282,8 @@ _COUNTER_MISMATCHES = (
 )
 
 
-def populate_store(data_dir: Path, tenants: int, jobs_per_status: int = 1) -> Path:
-    """A fresh store under data_dir where each of tenants has jobs_per_status jobs in every status.
+def populate_store(data_dir: Path, tenants: int) -> Path:
+    """A fresh store under data_dir where each of tenants has a job in every status.
 
     Rows go in as one bulk transaction into the store's own schema, and the counters are
     computed from those rows, so they equal a recount. Pending and processing jobs are two
@@ -307,21 +306,12 @@ def populate_store(data_dir: Path, tenants: int, jobs_per_status: int = 1) -> Pa
         for status in JobStatus:
             failed = status in (JobStatus.FAILED, JobStatus.DEAD_LETTERED)
             stamp = old if status in (JobStatus.PENDING, JobStatus.PROCESSING) else now
-            for n in range(jobs_per_status):
-                rows.append(
-                    (
-                        tenant,
-                        f"{status.value}-{n}",
-                        f"shard-{status.value}-{n}",
-                        "document",
-                        status.value,
-                        1 if failed else 0,
-                        "embedder unavailable" if failed else None,
-                        old,
-                        stamp,
-                        now if status in TERMINAL else None,
-                    )
-                )
+            closed = now if status in TERMINAL else None
+            error = "embedder unavailable" if failed else None
+            job = f"job-{status.value}"
+            rows.append(
+                (tenant, job, f"shard-{status.value}", "document", status.value, int(failed), error, old, stamp, closed)
+            )
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         conn.execute("BEGIN IMMEDIATE")
@@ -404,31 +394,21 @@ def _batches(count: int, tenants: int) -> list[bytes]:
     return otlp_batches(job_spans(count, tenants))
 
 
-def post_spans(client: Http, batches: Sequence[bytes], *, compress: bool = False) -> None:
-    """POST each batch to /v1/traces (gzip'd when compress); raises unless each answers 200."""
-    headers = {"Content-Type": PROTOBUF}
-    if compress:
-        headers["Content-Encoding"] = "gzip"
+def post_spans(client: Http, batches: Sequence[bytes], headers: Mapping[str, str] | None = None) -> None:
+    """POST each batch to /v1/traces (protobuf unless headers say otherwise); raises unless each answers 200."""
     for body in batches:
-        reply = client.request("POST", "/v1/traces", gzip.compress(body) if compress else body, headers)
+        reply = client.request("POST", "/v1/traces", body, headers or {"Content-Type": PROTOBUF})
         if reply.status != 200:
             raise RuntimeError(f"/v1/traces answered {reply.status}: {reply.body[:200]!r}")
 
 
 # -- the exposition ----------------------------------------------------------------
 
-_LABEL = re.compile(r'([a-zA-Z_]\w*)="((?:[^"\\]|\\.)*)"')
-
-
-def sample_values(text: str, name: str) -> list[tuple[dict[str, str], float]]:
-    """Every sample called name in an exposition, with its labels; a scan, not a full parse."""
-    pattern = re.compile(rf"^{re.escape(name)}(?:\{{(.*?)\}})? (\S+)", re.MULTILINE)
-    return [(dict(_LABEL.findall(m.group(1) or "")), float(m.group(2))) for m in pattern.finditer(text)]
-
 
 def sample_total(text: str, name: str) -> float:
-    """The sum of every sample called name (0 when there is none)."""
-    return sum(value for _, value in sample_values(text, name))
+    """The sum of every sample called name in an exposition (0 when there is none); a scan, not a parse."""
+    pattern = re.compile(rf"^{re.escape(name)}(?:\{{.*?\}})? (\S+)", re.MULTILINE)
+    return sum(float(m.group(1)) for m in pattern.finditer(text))
 
 
 def sample_count(text: str) -> int:
@@ -441,12 +421,12 @@ def tenant_sample_count(text: str, tenant: str) -> int:
     return text.count(f'tenant="{tenant}"')
 
 
-def load_tenants(server: Server, tenants: int, spans: int | None = None) -> str:
-    """Send job spans for every tenant and outcome, wait until they and a state refresh show; the exposition.
+def load_tenants(server: Server, tenants: int) -> str:
+    """Send a job span of every outcome for every tenant; wait until they and a state refresh show.
 
-    spans defaults to 3 * tenants (each tenant once per outcome).
+    Returns the exposition that showed them.
     """
-    count = 3 * tenants if spans is None else spans
+    count = 3 * tenants
     client = Http(server.base)
     try:
         post_spans(client, _batches(count, tenants))
