@@ -187,22 +187,22 @@ class SpanMetrics(Collector):
     def render(self, out: list[str], openmetrics: bool) -> None:
         """Append this collector's families to out in the text or OpenMetrics format."""
         tenants = self._snapshot()
-        fragments = [(ex.label_pairs(tenant=name), data) for name, data in tenants]
+        fragments = [(ex.label_pairs(tenant=name), data) for name, data in ex.paced(tenants)]
         outcome_labels = [ex.label_pairs(outcome=o) for o in m.ATTEMPT_OUTCOMES]
 
         ex.header(out, m.ATTEMPTS, m.ATTEMPTS_HELP, "counter", openmetrics)
         name = m.ATTEMPTS + "_total"
-        for fragment, data in fragments:
+        for fragment, data in ex.paced(fragments):
             for i, outcome in enumerate(outcome_labels):
                 ex.sample(out, name, f"{fragment},{outcome}", data.attempts[i], data.attempt_exemplars[i], openmetrics)
         ex.header(out, m.VECTORS, m.VECTORS_HELP, "counter", openmetrics)
         name = m.VECTORS + "_total"
-        for fragment, data in fragments:
+        for fragment, data in ex.paced(fragments):
             out.append(f"{name}{{{fragment}}} {data.vectors}\n")
 
         ex.header(out, m.JOB_DURATION, m.JOB_DURATION_HELP, "histogram", openmetrics)
         les = ex.bucket_bounds(self.duration_buckets)
-        for fragment, data in fragments:
+        for fragment, data in ex.paced(fragments):
             if self.by_outcome:
                 for i, outcome in enumerate(outcome_labels):
                     histogram = data.durations[i]
@@ -212,7 +212,7 @@ class SpanMetrics(Collector):
                 ex.histogram(out, m.JOB_DURATION, fragment, les, data.durations[0], openmetrics)
         ex.header(out, m.QUEUE_WAIT, m.QUEUE_WAIT_HELP, "histogram", openmetrics)
         les = ex.bucket_bounds(self.wait_buckets)
-        for fragment, data in fragments:
+        for fragment, data in ex.paced(fragments):
             if any(data.wait.counts):
                 ex.histogram(out, m.QUEUE_WAIT, fragment, les, data.wait, openmetrics)
 

@@ -161,13 +161,13 @@ class StateCollector(Collector):
             return
         families = self._families()
         ex.header(out, m.JOBS, m.JOBS_HELP, "gauge", openmetrics)
-        for (tenant, status_name), value in families.jobs.items():
+        for (tenant, status_name), value in ex.paced(families.jobs.items()):
             out.append(f"{m.JOBS}{{{ex.label_pairs(tenant=tenant, status=status_name)}}} {ex.number(value)}\n")
         ex.header(out, m.JOBS_STUCK, m.JOBS_STUCK_HELP, "gauge", openmetrics)
-        for (tenant, status_name), (count, _) in families.stuck.items():
+        for (tenant, status_name), (count, _) in ex.paced(families.stuck.items()):
             out.append(f"{m.JOBS_STUCK}{{{ex.label_pairs(tenant=tenant, status=status_name)}}} {ex.number(count)}\n")
         ex.header(out, m.JOBS_STUCK_OLDEST, m.JOBS_STUCK_OLDEST_HELP, "gauge", openmetrics)
-        for (tenant, status_name), (_, age) in families.stuck.items():
+        for (tenant, status_name), (_, age) in ex.paced(families.stuck.items()):
             fragment = ex.label_pairs(tenant=tenant, status=status_name)
             out.append(f"{m.JOBS_STUCK_OLDEST}{{{fragment}}} {ex.number(age)}\n")
         if families.depth is not None:
