@@ -66,6 +66,7 @@ class StateCollector(Collector):
         self.depth_source = depth_source
         self.queue_name = queue_name
         self.snapshot = Snapshot()
+        self._folded: tuple[Snapshot, _StateFamilies] | None = None
         self.refreshed = asyncio.Event()
         # Only the state leader reads the store; the others export none of what a read produces.
         self.is_leader = is_leader
@@ -136,10 +137,20 @@ class StateCollector(Collector):
 
     def _families(self) -> _StateFamilies:
         """The current snapshot folded by tenant label: jobs, and stuck count with oldest age."""
+        # Folded once per snapshot, not per scrape: a store tenant's label never changes once
+        # the refresh that read it has admitted or folded it.
         snapshot = self.snapshot
+        cached = self._folded
+        if cached is not None and cached[0] is snapshot:
+            return cached[1]
+        families = self._fold(snapshot)
+        self._folded = (snapshot, families)
+        return families
+
+    def _fold(self, snapshot: Snapshot) -> _StateFamilies:
         label = self.limiter.label
         jobs: dict[tuple[str, str], float] = {}
-        for tenant, counts in sorted(snapshot.jobs.items()):
+        for tenant, counts in ex.paced(sorted(snapshot.jobs.items())):
             name = label(tenant)
             for job_status, count in counts.items():
                 key = (name, job_status.value)
