@@ -28,6 +28,7 @@ from pathlib import Path
 
 from aiohttp import ClientSession, TCPConnector, web
 
+from bench.exporter_rig import insert_jobs
 from bench.harness import Figure, interleaved, ratios, report
 from exporter.app import create_app
 from jobs.model import format_time, utcnow
@@ -83,13 +84,7 @@ def build_store(path: Path) -> None:
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         conn.executescript(SCHEMA)
-        conn.execute("BEGIN")
-        conn.executemany(f"INSERT INTO jobs ({COLUMNS}) VALUES ({', '.join('?' * 12)})", rows())
-        conn.execute(
-            "INSERT INTO job_counters (tenant_id, status, count) "
-            "SELECT tenant_id, status, COUNT(*) FROM jobs GROUP BY tenant_id, status"
-        )
-        conn.execute("COMMIT")
+        insert_jobs(conn, COLUMNS, rows())
     finally:
         conn.close()
 

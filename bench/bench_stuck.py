@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
+from bench.exporter_rig import insert_jobs
 from bench.harness import Figure, interleaved, ratios, report
 from jobs.model import JobStatus, format_time, utcnow
 from jobs.sqlite_store import COLUMNS, SCHEMA, SQLiteJobStore, stuck_query
@@ -64,13 +65,7 @@ def build(path: Path, jobs: int) -> None:
         ]
         for name in indexes:
             conn.execute(f"DROP INDEX {name}")
-        conn.execute("BEGIN")
-        conn.executemany(f"INSERT INTO jobs ({COLUMNS}) VALUES ({', '.join('?' * 12)})", rows())
-        conn.execute(
-            "INSERT INTO job_counters (tenant_id, status, count) "
-            "SELECT tenant_id, status, COUNT(*) FROM jobs GROUP BY tenant_id, status"
-        )
-        conn.execute("COMMIT")
+        insert_jobs(conn, COLUMNS, rows())
         conn.executescript(SCHEMA)  # the same idempotent DDL the store runs at open: builds the indexes
         conn.execute("ANALYZE")
     finally:

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -268,9 +268,8 @@ def _stop(server: Server) -> None:
 
 # -- the store ---------------------------------------------------------------------
 
-_INSERT_JOB = (
-    "INSERT INTO jobs (tenant_id, id, shard_id, shard_type_id, status, retry_count, error, "
-    "created_at, updated_at, completed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_ROW_COLUMNS = (
+    "tenant_id, id, shard_id, shard_type_id, status, retry_count, error, created_at, updated_at, completed_at"
 )
 _COUNT_JOBS = (
     "INSERT INTO job_counters (tenant_id, status, count) "
@@ -280,6 +279,15 @@ _COUNTER_MISMATCHES = (
     "SELECT COUNT(*) FROM (SELECT tenant_id, status, COUNT(*) AS n FROM jobs GROUP BY tenant_id, status) AS j "
     "FULL OUTER JOIN job_counters AS c USING (tenant_id, status) WHERE j.n IS NOT c.count"
 )
+
+
+def insert_jobs(conn: sqlite3.Connection, columns: str, rows: Iterable[Sequence[object]]) -> None:
+    """Bulk-insert job rows (values for columns) in one transaction, with counters computed from them."""
+    marks = ", ".join("?" * len(columns.split(",")))
+    conn.execute("BEGIN IMMEDIATE")
+    conn.executemany(f"INSERT INTO jobs ({columns}) VALUES ({marks})", rows)
+    conn.execute(_COUNT_JOBS)
+    conn.execute("COMMIT")
 
 
 def populate_store(data_dir: Path, tenants: int) -> Path:
@@ -314,10 +322,7 @@ def populate_store(data_dir: Path, tenants: int) -> Path:
             )
     conn = sqlite3.connect(path, isolation_level=None)
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(_INSERT_JOB, rows)
-        conn.execute(_COUNT_JOBS)
-        conn.execute("COMMIT")
+        insert_jobs(conn, _ROW_COLUMNS, rows)
         (mismatches,) = conn.execute(_COUNTER_MISMATCHES).fetchone()
     finally:
         conn.close()

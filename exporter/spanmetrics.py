@@ -35,6 +35,7 @@ NANOS = 1e9
 MAX_SECONDS = 7 * 24 * 3600.0
 MAX_VECTORS = 10_000_000
 OUTCOME_INDEX: Mapping[object, int] = {outcome: i for i, outcome in enumerate(m.ATTEMPT_OUTCOMES)}
+_COMPLETED = OUTCOME_INDEX["completed"]
 _NEGATIVE, _INVALID = (m.DROP_REASONS.index(r) for r in ("negative_duration", "invalid_value"))
 # A job span as the receivers hand it over: tenant, outcome, start and end (ns since the epoch),
 # queue wait (s) and vector count (None when absent), trace id (0 when absent).
@@ -168,7 +169,7 @@ class SpanMetrics(Collector):
                     data.wait.total += waited
                     if trace_id:
                         data.wait.exemplars[bucket] = (trace_id, waited, now)
-                if vectors and index == 0:
+                if vectors and index == _COMPLETED:
                     data.vectors += vectors
                 counted += 1
             self._received[source_index] += counted
