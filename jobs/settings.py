@@ -41,6 +41,11 @@ class Settings:
     cosmos_shards_container: str = _opt("shards", "Cosmos DB container of shards", "store")
     cosmos_leases_container: str = _opt("leases", "Cosmos DB container of the feeder's position", "store")
     retention_hours: float = _opt(0.0, "delete finished jobs older than this (0 keeps them)", "store")
+    store_timeout: float = _opt(
+        5.0,
+        "seconds one job-store call may take before the API answers 503 and the worker buffers the write",
+        "store",
+    )
 
     # queue
     queue: str = _opt("local", "queue backend", "queue", choices=("local", "servicebus"))
@@ -51,6 +56,9 @@ class Settings:
     )
     lock_duration: float = _opt(30.0, "message lock duration in seconds (local queue)", "queue")
     max_delivery_count: int = _opt(10, "deliveries before the queue dead-letters a message", "queue")
+    queue_timeout: float = _opt(
+        10.0, "seconds one queue call made by the API or the state refresher may take", "queue"
+    )
 
     # embedder
     embedder: str = _opt(
@@ -194,6 +202,8 @@ class Settings:
             "refresh_interval",
             "refresh_timeout",
             "stuck_after",
+            "store_timeout",
+            "queue_timeout",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Final, Self
@@ -45,6 +46,16 @@ class CosmosServer:
         self.key = EMULATOR_KEY
         self.startup_seconds = startup_seconds
         self._log = log
+
+    def set_fault(self, collection: str, mode: str | None) -> None:
+        """Make requests to one container hang ("hang") or answer 503 ("fail"); None clears it.
+
+        Requests held by a hang are served once it is cleared, as after a network stall.
+        """
+        body = json.dumps({"collection": collection, "mode": mode}).encode()
+        request = urllib.request.Request(self.endpoint.rstrip("/") + "/_faults", data=body, method="POST")
+        with urllib.request.urlopen(request, timeout=5) as response:
+            response.read()
 
     def stop(self) -> None:
         """Terminate the server (kill it if it lingers) and drop its log."""

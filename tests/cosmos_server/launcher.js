@@ -20,7 +20,12 @@
  *   - the change feed is incremental: every write takes the next number of a
  *     global sequence, which serves as the feed's etag / continuation;
  *   - the account document advertises http endpoints, so clients work with
- *     endpoint discovery left on.
+ *     endpoint discovery left on;
+ *   - faults can be switched on per container for outage drills:
+ *     `POST /_faults {"collection": NAME, "mode": "hang" | "fail" | null}`.
+ *     "hang" holds that container's requests unanswered until the fault is
+ *     cleared, then serves them (a stalled network that recovers, so a write
+ *     a client gave up on may still land); "fail" answers 503.
  *
  * Everything goes through the route table except the write sequence, which
  * has to see every stored document and so wraps Documents#_set.
@@ -339,8 +344,55 @@ function parseArgs(argv) {
   return args;
 }
 
+// --- Faults -----------------------------------------------------------------
+const faults = new Map(); // collection name -> "hang" | "fail"
+let held = []; // [collection, resume] of requests held by a "hang" fault
+
+function collectionOf(url) {
+  const match = /^\/dbs\/[^/]+\/colls\/([^/?]+)/.exec(url);
+  return match ? decodeURIComponent(match[1]) : null;
+}
+
+function setFault(req, res) {
+  let raw = "";
+  req.on("data", chunk => { raw += chunk; });
+  req.on("end", () => {
+    const { collection, mode } = JSON.parse(raw || "{}");
+    if (mode) faults.set(collection, mode);
+    else faults.delete(collection);
+    const release = held.filter(([name]) => faults.get(name) !== "hang");
+    held = held.filter(([name]) => faults.get(name) === "hang");
+    release.forEach(([, resume]) => resume());
+    res.writeHead(200, { "content-type": "application/json" });
+    res.end(JSON.stringify({ faults: Object.fromEntries(faults), held: held.length }));
+  });
+}
+
+function withFaults(server) {
+  const stock = server.listeners("request");
+  server.removeAllListeners("request");
+  server.on("request", (req, res) => {
+    if (req.url === "/_faults" && req.method === "POST") return setFault(req, res);
+    const name = collectionOf(req.url);
+    const mode = name === null ? undefined : faults.get(name);
+    const serve = () => stock.forEach(listener => listener.call(server, req, res));
+    if (mode === "fail") {
+      req.resume();
+      res.writeHead(503, { "content-type": "application/json" });
+      return res.end(JSON.stringify({ code: "ServiceUnavailable", message: `fault injected on ${name}` }));
+    }
+    if (mode === "hang") {
+      // Unread, the body waits in the socket until the request is served.
+      held.push([name, serve]);
+      return undefined;
+    }
+    return serve();
+  });
+  return server;
+}
+
 const args = parseArgs(process.argv.slice(2));
-const server = createHttpServer({ keepAlive: true });
+const server = withFaults(createHttpServer({ keepAlive: true }));
 // Never close idle connections from this side: a client reusing a pooled
 // connection at the moment the server drops it would see a spurious error.
 server.keepAliveTimeout = 0;
