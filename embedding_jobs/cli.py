@@ -27,8 +27,9 @@ from embedding_jobs.backends import (
     open_backends,
     open_job_store,
 )
-from exporter.app import create_app
+from exporter.app import create_app, create_otlp_app
 from exporter.exposition import ExporterRegistry
+from exporter.otlp import check_listener
 from exporter.spanmetrics import MetricsSpanProcessor, SpanMetrics
 from jobs.errors import JobError
 from jobs.logs import configure_logging
@@ -107,7 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("init-db", cmd_init_db, "create the Cosmos DB database and containers (idempotent)", ["store"])
     feeder = add("feeder", cmd_feeder, "enqueue a job for every new or changed shard in the shard store", ALL_SECTIONS)
     feeder.add_argument("--poll-interval", type=float, default=1.0, help="seconds between change reads (1)")
-    add("exporter", cmd_exporter, "serve /metrics, the REST API, the status page and /v1/traces", ALL_SECTIONS)
+    add(
+        "exporter",
+        cmd_exporter,
+        "serve /metrics, the REST API and the status page, and on a port of its own the OTLP receiver",
+        ALL_SECTIONS,
+    )
     add(
         "reconcile-dlq",
         cmd_reconcile_dlq,
@@ -158,9 +164,10 @@ async def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     span_metrics = SpanMetrics(registry, tenant_limit=settings.tenant_label_limit, detail=settings.metrics_detail)
     # The only exporter of this store, whatever the role setting says.
     exporter_settings = settings.with_changes(state_role="always")
+    # Spans reach the metrics through an in-process processor: no OTLP receiver, no hop.
     async with (
         open_backends(settings) as backends,
-        serve_exporter(exporter_settings, backends, registry, span_metrics) as url,
+        serve_exporter(exporter_settings, backends, registry, span_metrics, receive_otlp=False) as url,
     ):
         print(f"status page and API: {url}  metrics: {url}metrics", file=sys.stderr)
         if args.ingest:
@@ -181,7 +188,9 @@ async def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_exporter(settings: Settings, args: argparse.Namespace) -> int:
-    """Serve /metrics, /v1/traces, the API and the status page until SIGTERM/SIGINT."""
+    """Serve /metrics, the API, the status page and the OTLP receiver until SIGTERM/SIGINT."""
+    # Before anything opens or binds: a refused receiver is a configuration error, not a failure later.
+    check_listener(settings.otlp_host, settings.otlp_token)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -191,18 +200,22 @@ async def cmd_exporter(settings: Settings, args: argparse.Namespace) -> int:
     elect = settings.state_role == "elect"
     async with (
         open_backends(settings, state_lease=elect) as backends,
-        serve_exporter(settings, backends, registry, span_metrics) as url,
+        serve_exporter(settings, backends, registry, span_metrics, receive_otlp=True),
     ):
-        print(f"exporter listening on {url}", file=sys.stderr, flush=True)
         await stop.wait()
     return 0
 
 
 @contextlib.asynccontextmanager
 async def serve_exporter(
-    settings: Settings, backends: Backends, registry: CollectorRegistry, span_metrics: SpanMetrics
+    settings: Settings,
+    backends: Backends,
+    registry: CollectorRegistry,
+    span_metrics: SpanMetrics,
+    *,
+    receive_otlp: bool,
 ) -> AsyncIterator[str]:
-    """Run the exporter app on the configured address; yield its base URL."""
+    """Run the exporter app, and the OTLP receiver if asked, on their configured addresses; yield the app's URL."""
     producer = Producer(backends.store, backends.queue, get_tracer())
 
     async def enqueue(job: Job) -> None:
@@ -223,19 +236,45 @@ async def serve_exporter(
         enqueue=enqueue,
         lease=backends.state_lease,
     )
+    async with contextlib.AsyncExitStack() as stack:
+        serve = stack.enter_async_context
+        url = await serve(_listening(app, settings.exporter_host, settings.exporter_port, "exporter"))
+        if receive_otlp:
+            check_listener(settings.otlp_host, settings.otlp_token)
+            otlp_app = create_otlp_app(settings, span_metrics, registry)
+            otlp_url = await serve(_listening(otlp_app, settings.otlp_host, settings.otlp_port, "otlp"))
+            receiver = f"on {otlp_url}v1/traces (OTLP token {_on_off(settings.otlp_token)})"
+        else:
+            receiver = "off (spans recorded in process)"
+        # What an operator checks first when a scrape or a sender is refused, or when nothing should be open.
+        log.info(
+            "exporter listening: API, metrics and status page on %s (API tokens %s, metrics token %s); "
+            "OTLP receiver %s",
+            url,
+            _on_off(settings.api_tokens),
+            _on_off(settings.metrics_token),
+            receiver,
+        )
+        yield url
+
+
+def _on_off(secret: str) -> str:
+    return "on" if secret else "off"
+
+
+@contextlib.asynccontextmanager
+async def _listening(app: web.Application, host: str, port: int, flag: str) -> AsyncIterator[str]:
+    """Serve app on host:port until exit; yield its base URL (with the port the OS chose for port 0)."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, settings.exporter_host, settings.exporter_port)
+        site = web.TCPSite(runner, host, port)
         try:
             await site.start()
         except OSError as exc:
-            raise ValueError(
-                f"cannot listen on {settings.exporter_host}:{settings.exporter_port} ({exc.strerror}); "
-                "choose another --exporter-port"
-            ) from exc
-        host, port = runner.addresses[0][:2]
-        yield f"http://{host}:{port}/"
+            raise ValueError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --{flag}-port") from exc
+        bound_host, bound_port = runner.addresses[0][:2]
+        yield f"http://{bound_host}:{bound_port}/"
     finally:
         await runner.cleanup()
 
@@ -250,7 +289,7 @@ async def _work(
     watch: bool = False,
     on_idle: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    provider = create_tracer_provider("embedding-jobs-worker", settings.otlp_endpoint, processors)
+    provider = create_tracer_provider("embedding-jobs-worker", settings.otlp_endpoint, processors, settings.otlp_token)
     embedder = build_embedder(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -372,7 +411,7 @@ async def cmd_feeder(settings: Settings, args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    provider = create_tracer_provider("embedding-jobs-feeder", settings.otlp_endpoint)
+    provider = create_tracer_provider("embedding-jobs-feeder", settings.otlp_endpoint, otlp_token=settings.otlp_token)
     try:
         async with open_backends(settings) as backends:
             totals = await run_feeder(

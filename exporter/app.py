@@ -1,4 +1,8 @@
-"""The exporter's aiohttp application: /metrics, /v1/traces, the REST API, health and the status page."""
+"""The exporter's aiohttp applications, one per listener.
+
+`create_app`: /metrics, the REST API, health and the status page. `create_otlp_app`: the OTLP
+receiver (/v1/traces), served apart so that it can stay on loopback while the API is exposed.
+"""
 
 from __future__ import annotations
 
@@ -44,7 +48,8 @@ def create_app(
     # `_created` series double the cost of every counter and histogram and nothing here reads them.
     disable_created_metrics()  # type: ignore[no-untyped-call]
     registry = registry if registry is not None else exposition.ExporterRegistry()
-    app = web.Application(client_max_size=otlp.MAX_BODY_BYTES)
+    app = web.Application()
+    app.on_response_prepare.append(_no_sniffing)
     app[SETTINGS] = settings
     app[STORE] = store
     app[REGISTRY] = registry
@@ -76,10 +81,28 @@ def create_app(
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    otlp.setup(app)
     api.setup(app)
     status_page.setup(app)
     return app
+
+
+def create_otlp_app(settings: Settings, span_metrics: SpanMetrics, registry: CollectorRegistry) -> web.Application:
+    """Build the OTLP receiver app: spans into span_metrics; the forwarder's counters into registry.
+
+    Pass the span_metrics and registry of the `create_app` app whose /metrics shows them.
+    """
+    app = web.Application(client_max_size=otlp.MAX_BODY_BYTES)
+    app.on_response_prepare.append(_no_sniffing)
+    app[SETTINGS] = settings
+    app[REGISTRY] = registry
+    app[SPAN_METRICS] = span_metrics
+    otlp.setup(app)
+    return app
+
+
+async def _no_sniffing(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    # A browser that guesses a JSON error echoing caller input to be HTML would run it as a page.
+    response.headers["X-Content-Type-Options"] = "nosniff"
 
 
 async def _state_refresher(app: web.Application) -> AsyncIterator[None]:

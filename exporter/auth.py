@@ -80,4 +80,6 @@ def check_bearer(expected: str, authorization: str | None) -> bool:
     if not expected:
         return True
     scheme, _, presented = (authorization or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), expected.encode())
+    # aiohttp keeps header bytes that are not UTF-8 as surrogates; surrogateescape gives them back instead of raising.
+    candidate = presented.strip().encode("utf-8", "surrogateescape")
+    return scheme.lower() == "bearer" and hmac.compare_digest(candidate, expected.encode("utf-8", "surrogateescape"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 from importlib import metadata
 from typing import Any
 
-from exporter.otlp import PROTOBUF
 from jobs.model import ID_MAX_LENGTH, SAFE_ID, TENANT_ID_MAX_LENGTH, JobStatus
 from jobs.store import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 
@@ -330,7 +329,6 @@ def _api_paths() -> dict[str, Any]:
 
 
 def _service_paths() -> dict[str, Any]:
-    otlp_status = {"description": "A google.rpc.Status message.", "content": {PROTOBUF: {}, "application/json": {}}}
     return {
         "/healthz": {
             "get": {
@@ -369,34 +367,6 @@ def _service_paths() -> dict[str, Any]:
                 },
             }
         },
-        "/v1/traces": {
-            "post": {
-                "operationId": "exportTraces",
-                "summary": "OTLP/HTTP trace receiver; job spans feed the latency and outcome metrics",
-                "tags": ["operations"],
-                "security": [],
-                "requestBody": {
-                    "required": True,
-                    "description": (
-                        "An opentelemetry.proto.collector.trace.v1.ExportTraceServiceRequest, protobuf or "
-                        "its JSON mapping; Content-Encoding gzip or identity."
-                    ),
-                    "content": {
-                        PROTOBUF: {},
-                        "application/json": {"schema": {"type": "object"}},
-                    },
-                },
-                "responses": {
-                    "200": {
-                        "description": "An ExportTraceServiceResponse, in the request's encoding.",
-                        "content": {PROTOBUF: {}, "application/json": {}},
-                    },
-                    "400": otlp_status,
-                    "413": otlp_status,
-                    "415": otlp_status,
-                },
-            }
-        },
         "/": {
             "get": {
                 "operationId": "getStatusPage",
@@ -417,14 +387,15 @@ def build_spec() -> dict[str, Any]:
             "title": "embedding-jobs exporter",
             "version": _version(),
             "description": (
-                "Job status API, metrics, OTLP trace receiver and status page of the embedding-jobs exporter. "
-                'Errors are JSON {"error": {"code", "message"}}.'
+                "Job status API, metrics and status page of the embedding-jobs exporter. "
+                'Errors are JSON {"error": {"code", "message"}}. The OTLP/HTTP trace receiver (POST /v1/traces) '
+                "is served on a listener of its own (EMBEDDING_JOBS_OTLP_PORT, loopback by default), not here."
             ),
         },
         "tags": [
             {"name": "jobs", "description": "Embedding job records of one tenant."},
             {"name": "status", "description": "The status page and the overview it shows."},
-            {"name": "operations", "description": "Health, readiness, metrics and span intake."},
+            {"name": "operations", "description": "Health, readiness and metrics."},
             {"name": "meta", "description": "This document."},
         ],
         "security": [{"apiToken": []}],

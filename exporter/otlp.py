@@ -4,12 +4,17 @@ Accepts protobuf and JSON encodings, gzip or identity, as the OTLP/HTTP specific
 describes; answers with an ExportTraceServiceResponse, and with a google.rpc.Status body on
 errors. Received batches may be forwarded to an upstream OTLP endpoint through a bounded
 queue; batches that do not fit, or that upstream refuses, are counted as dropped.
+
+The receiver is served on a listener of its own, on loopback by default: in a pod only the
+worker beside it can reach it. A bearer token admits senders from elsewhere, and listening
+anywhere but loopback without one is refused (`check_listener`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import gzip
+import ipaddress
 import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -29,6 +34,7 @@ from opentelemetry.trace import SpanKind
 from prometheus_client import Counter
 
 from exporter import metrics as m
+from exporter.auth import check_bearer
 from exporter.keys import REGISTRY, SETTINGS, SPAN_METRICS
 from exporter.spanmetrics import JobSpan
 from jobs import telemetry as attr
@@ -47,6 +53,29 @@ _WANTED = {attr.TENANT: 0, attr.OUTCOME: 1, attr.QUEUE_WAIT: 2, attr.VECTOR_COUN
 # Stands for an attribute of a type no metric accepts, so validation refuses the span.
 _INVALID = object()
 FORWARDER: web.AppKey[Forwarder] = web.AppKey("otlp_forwarder")
+
+
+def is_loopback(host: str) -> bool:
+    """True when host names a loopback address, which only processes sharing the network namespace reach."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_listener(host: str, token: str) -> None:
+    """Refuse (ValueError) a receiver reachable from other hosts that admits anyone.
+
+    Spans become the tenants' latency and outcome metrics: an open receiver lets any caller
+    forge them, and nothing but this check would say so before someone did.
+    """
+    if not token and not is_loopback(host):
+        raise ValueError(
+            f"the OTLP receiver would listen on {host or 'every address'} without a token, open to anyone who "
+            "reaches it: set EMBEDDING_JOBS_OTLP_TOKEN (--otlp-token), or listen on 127.0.0.1 (--otlp-host)"
+        )
 
 
 def setup(app: web.Application) -> None:
@@ -80,8 +109,14 @@ async def _run_forwarder(app: web.Application) -> AsyncIterator[None]:
 
 
 async def receive_traces(request: web.Request) -> web.Response:
-    """Decode an export request, record its job spans, forward it if configured."""
+    """Check the sender's token, decode an export request, record its job spans, forward it if configured."""
     content_type = request.content_type
+    # Refused before the body is read: an unauthenticated sender costs no decompression or parsing.
+    if not check_bearer(request.app[SETTINGS].otlp_token, request.headers.get("Authorization")):
+        reply_type = JSON if content_type == JSON else PROTOBUF
+        response = _error(401, "a valid bearer token is required: send 'Authorization: Bearer TOKEN'", reply_type)
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
     if content_type not in (PROTOBUF, JSON):
         return _error(415, f"unsupported content type {content_type!r}; use {PROTOBUF} or {JSON}", PROTOBUF)
     try:
@@ -159,7 +194,9 @@ def _reply(message: Any, content_type: str, status: int) -> web.Response:
 
 
 def _error(status: int, message: str, content_type: str) -> web.Response:
-    return _reply(status_pb2.Status(code=3, message=message), content_type, status)
+    # google.rpc codes: 16 UNAUTHENTICATED, 3 INVALID_ARGUMENT.
+    code = 16 if status == 401 else 3
+    return _reply(status_pb2.Status(code=code, message=message), content_type, status)
 
 
 class Forwarder:

@@ -10,6 +10,10 @@ from typing import Any
 
 from opentelemetry import trace
 
+# Azure SDK loggers (HTTP request/response logging, Service Bus's AMQP stack): at INFO they write
+# several lines for every HTTP call, thousands per minute on a busy store, so below DEBUG they
+# are held at WARNING.
+SDK_LOGGERS = ("azure", "uamqp")
 # Attributes a record may carry through `extra=`; they become top-level JSON keys.
 CONTEXT_KEYS = ("tenant_id", "job_id", "shard_id", "message_id", "attempt", "outcome")
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
@@ -61,7 +65,7 @@ class TextFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
-    """Route the root logger to stderr in the chosen format."""
+    """Route the root logger to stderr in the chosen format; SDK loggers show WARNING and up unless level is DEBUG."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(TraceContextFilter())
     if fmt == "json":
@@ -71,3 +75,7 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # A level on the logger itself, as propagation to the root handler skips the root's level.
+    sdk_level = logging.NOTSET if root.level <= logging.DEBUG else max(root.level, logging.WARNING)
+    for name in SDK_LOGGERS:
+        logging.getLogger(name).setLevel(sdk_level)

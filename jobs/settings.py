@@ -89,14 +89,32 @@ class Settings:
     )
     tracking_buffer: int = _opt(10_000, "job-store writes held while the store is down", "worker")
     otlp_endpoint: str = _opt(
-        "", "send spans over OTLP/HTTP to this base URL (else OTEL_EXPORTER_OTLP_ENDPOINT)", "worker"
+        "",
+        "send spans over OTLP/HTTP to this base URL, e.g. the exporter's receiver at http://127.0.0.1:4318 "
+        "(else OTEL_EXPORTER_OTLP_ENDPOINT)",
+        "worker",
     )
     log_level: str = _opt("INFO", "log level", "worker", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     log_format: str = _opt("text", "log format", "worker", choices=("text", "json"))
 
     # exporter
-    exporter_host: str = _opt("127.0.0.1", "address the exporter listens on (0.0.0.0 in a pod)", "exporter")
-    exporter_port: int = _opt(8080, "port of /metrics, the API, the status page and /v1/traces", "exporter")
+    exporter_host: str = _opt(
+        "127.0.0.1", "address /metrics, the API and the status page listen on (0.0.0.0 in a pod)", "exporter"
+    )
+    exporter_port: int = _opt(8080, "port of /metrics, the API and the status page (0: any free port)", "exporter")
+    otlp_host: str = _opt(
+        "127.0.0.1",
+        "address the OTLP/HTTP receiver (/v1/traces) listens on; any other than loopback needs otlp_token",
+        "exporter",
+    )
+    otlp_port: int = _opt(4318, "port of the OTLP/HTTP receiver (0: any free port)", "exporter")
+    otlp_token: str = _opt(
+        "",
+        "bearer token the OTLP receiver requires of every sender, and that a worker sends with its spans "
+        "(empty: none, allowed only on a loopback otlp_host)",
+        "exporter",
+        secret=True,
+    )
     api_tokens: str = _opt(
         "",
         "bearer tokens and the tenants each may read: 'TOKEN=tenant-a,tenant-b;OPS=*' "
@@ -211,6 +229,9 @@ class Settings:
             raise ValueError("chunk_overlap_tokens must be between 0 and chunk_max_tokens - 1")
         if self.drain_timeout < 0 or self.retention_hours < 0 or self.reconcile_interval < 0:
             raise ValueError("drain_timeout, retention_hours and reconcile_interval must not be negative")
+        for name in ("exporter_port", "otlp_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"{name} must be between 0 and 65535")
         if not 0 <= self.metrics_cache_ttl <= 60:
             raise ValueError("metrics_cache_ttl must be between 0 and 60 seconds")
 

@@ -626,10 +626,40 @@ async def test_overview_scans_a_bounded_number_of_tenants_and_says_so(
     assert body["truncated"] is True
 
 
+# -- response headers ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "headers", "status"),
+    [
+        ("GET", "/api/v1/embedding-jobs?tenantId=tenant-a", OPERATOR, 200),
+        ("GET", "/api/v1/embedding-jobs/stats", OPERATOR, 200),
+        ("GET", "/api/v1/embedding-jobs?tenantId=tenant-a", {}, 401),
+        ("GET", "/api/v1/embedding-jobs?tenantId=bad%20tenant", OPERATOR, 400),
+        ("GET", "/api/v1/embedding-jobs/missing?tenantId=tenant-a", OPERATOR, 404),
+        ("POST", "/api/v1/embedding-jobs/missing/retry?tenantId=tenant-a", OPERATOR, 404),
+        ("GET", "/api/v1/openapi.json", {}, 200),
+        ("GET", "/no/such/route", {}, 404),
+        ("DELETE", "/api/v1/embedding-jobs/stats", OPERATOR, 405),
+        ("GET", "/healthz", {}, 200),
+        ("GET", "/readyz", {}, 200),
+        ("GET", "/metrics", {}, 200),
+        ("GET", "/", {}, 200),
+    ],
+)
+async def test_every_response_forbids_content_sniffing(
+    client: Client, method: str, url: str, headers: dict[str, str], status: int
+) -> None:
+    response = await client.request(method, url, headers=headers)
+
+    assert response.status == status, await response.text()
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
 # -- OpenAPI ------------------------------------------------------------------------
 
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
-SERVICE_PATHS = {"/healthz", "/readyz", "/metrics", "/v1/traces", "/"}
+SERVICE_PATHS = {"/healthz", "/readyz", "/metrics", "/"}
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -32,10 +33,17 @@ def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
 
 @dataclass
 class ExporterProcess:
-    """A running `embedding-jobs exporter` and its base URL."""
+    """A running `embedding-jobs exporter`: the base URLs of its API/metrics listener and its OTLP receiver."""
 
     process: asyncio.subprocess.Process
     base: str
+    otlp_base: str
+    log: IO[bytes]
+
+    def log_text(self) -> str:
+        """What the process has written to stderr so far."""
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
 
     async def kill(self) -> None:
         """SIGKILL it, as an OOM kill or a lost node would: no clean shutdown."""
@@ -47,11 +55,11 @@ class ExporterProcess:
 async def exporter_process(
     data_dir: Path, *args: str, env: Mapping[str, str] | None = None
 ) -> AsyncIterator[ExporterProcess]:
-    """An `embedding-jobs exporter` process on a free port, answering /healthz.
+    """An `embedding-jobs exporter` process on free ports (API/metrics and OTLP), answering /healthz.
 
     Stopped with SIGTERM on exit (unless killed before), which it must survive with status 0.
     """
-    port = free_port()
+    port, otlp_port = free_port(), free_port()
     # A file, not a pipe: nobody reads stderr while it runs, and a full pipe would block it.
     with tempfile.TemporaryFile(dir=data_dir) as log:
         exporter = await asyncio.create_subprocess_exec(
@@ -61,6 +69,8 @@ async def exporter_process(
             "exporter",
             "--exporter-port",
             str(port),
+            "--otlp-port",
+            str(otlp_port),
             *args,
             env=cli_env(data_dir, **(env or {})),
             stderr=log,
@@ -77,7 +87,7 @@ async def exporter_process(
                         return False
 
                 await wait_until(healthy, "the exporter to start", within=20)
-            yield ExporterProcess(exporter, base)
+            yield ExporterProcess(exporter, base, f"http://127.0.0.1:{otlp_port}", log)
         finally:
             if exporter.returncode is None:
                 exporter.terminate()
@@ -86,11 +96,6 @@ async def exporter_process(
                 assert exporter.returncode == 0, log.read().decode()
 
 
-@contextlib.asynccontextmanager
-async def running_exporter(data_dir: Path, *args: str) -> AsyncIterator[str]:
-    """An `embedding-jobs exporter` process on a free port, answering /healthz; yields its base URL."""
-    async with exporter_process(data_dir, *args) as exporter:
-        yield exporter.base
 
 
 async def test_worker_spans_reach_a_separate_exporter_over_otlp(tmp_path: Path) -> None:
@@ -100,7 +105,11 @@ async def test_worker_spans_reach_a_separate_exporter_over_otlp(tmp_path: Path) 
         for n in range(5)
     )
     assert run_cli(tmp_path, "ingest", "-", stdin=corpus).returncode == 0
-    async with running_exporter(tmp_path, "--refresh-interval", "0.2") as base, aiohttp.ClientSession() as session:
+    async with (
+        exporter_process(tmp_path, "--refresh-interval", "0.2") as exporter,
+        aiohttp.ClientSession() as session,
+    ):
+        base = exporter.base
         worker = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -108,7 +117,7 @@ async def test_worker_spans_reach_a_separate_exporter_over_otlp(tmp_path: Path) 
             "worker",
             "--exit-when-idle",
             "--otlp-endpoint",
-            base,
+            exporter.otlp_base,
             env=cli_env(tmp_path),
             stderr=subprocess.PIPE,
         )
@@ -149,8 +158,8 @@ async def test_retry_through_the_exporter_api_reprocesses_a_dead_lettered_job(tm
         await store.transition("acme", job.id, JobStatus.PENDING, JobStatus.DEAD_LETTERED, error="gave up")
     # The original message is still queued; drain it so only the retry's message remains.
     assert run_cli(tmp_path, "worker", "--exit-when-idle").returncode == 0
-    async with running_exporter(tmp_path) as base, aiohttp.ClientSession() as session:
-        url = f"{base}/api/v1/embedding-jobs/{job.id}/retry?tenantId=acme"
+    async with exporter_process(tmp_path) as exporter, aiohttp.ClientSession() as session:
+        url = f"{exporter.base}/api/v1/embedding-jobs/{job.id}/retry?tenantId=acme"
         async with session.post(url) as response:
             assert response.status == 202, await response.text()
             assert (await response.json())["status"] == "pending"

@@ -32,7 +32,7 @@ from jobs.model import Job, JobStatus
 from jobs.settings import Settings
 from jobs.sqlite_store import SQLiteJobStore
 from tests.components import wait_until
-from tests.test_metrics import job_span_request
+from tests.test_metrics import job_span_request, receiver_of
 
 Client = TestClient[web.Request, web.Application]
 parse_openmetrics: Callable[[str], Iterable[Metric]] = openmetrics_parser.text_string_to_metric_families
@@ -64,10 +64,10 @@ async def sqlite_store(tmp_path: Path) -> AsyncIterator[SQLiteJobStore]:
     await store.close()
 
 
-async def full_exposition(client: Client, accept: str = "") -> str:
+async def full_exposition(client: Client, receiver: Client, accept: str = "") -> str:
     for outcome in OUTCOMES:
         body = job_span_request("acme", outcome).SerializeToString()
-        assert (await client.post("/v1/traces", data=body, headers=PROTOBUF)).status == 200
+        assert (await receiver.post("/v1/traces", data=body, headers=PROTOBUF)).status == 200
     response = await client.get("/metrics", headers={"Accept": accept} if accept else {})
     assert response.status == 200
     return await response.text()
@@ -91,7 +91,7 @@ async def test_a_tenant_costs_at_most_its_budget_of_samples(
     app = create_app(Settings(metrics_cache_ttl=0, metrics_detail=detail, stuck_after=3600), sqlite_store)
     client = await aiohttp_client(app)
     await asyncio.wait_for(app[STATE].refreshed.wait(), 10)
-    text = await full_exposition(client)
+    text = await full_exposition(client, await receiver_of(aiohttp_client, app))
     per_family = samples_of(text, "acme")
     total = sum(per_family.values())
     # Every per-tenant family is there: the budget is not met by leaving some out.
@@ -116,8 +116,9 @@ async def test_a_tenant_costs_at_most_its_budget_of_samples(
 async def test_gzip_is_used_when_accepted_and_is_the_same_exposition(
     aiohttp_client: AiohttpClient, sqlite_store: SQLiteJobStore
 ) -> None:
-    client = await aiohttp_client(create_app(Settings(metrics_cache_ttl=0), sqlite_store))
-    plain = await full_exposition(client)
+    app = create_app(Settings(metrics_cache_ttl=0), sqlite_store)
+    client = await aiohttp_client(app)
+    plain = await full_exposition(client, await receiver_of(aiohttp_client, app))
     response = await client.get("/metrics", headers={"Accept-Encoding": "gzip"}, auto_decompress=False)
     assert response.headers["Content-Encoding"] == "gzip"
     assert "Accept-Encoding" in response.headers["Vary"]
@@ -135,7 +136,8 @@ async def test_openmetrics_is_valid_with_exemplars_and_one_eof(
     app = create_app(Settings(metrics_cache_ttl=0), sqlite_store)
     client = await aiohttp_client(app)
     await asyncio.wait_for(app[STATE].refreshed.wait(), 10)
-    text = await full_exposition(client, "application/openmetrics-text; version=1.0.0")
+    receiver = await receiver_of(aiohttp_client, app)
+    text = await full_exposition(client, receiver, "application/openmetrics-text; version=1.0.0")
     assert text.endswith("# EOF\n")
     assert text.count("# EOF") == 1
     families = {f.name: f for f in parse_openmetrics(text)}
@@ -149,10 +151,11 @@ async def test_openmetrics_is_valid_with_exemplars_and_one_eof(
 async def test_a_cached_body_is_served_within_the_ttl_and_renewed_after(
     aiohttp_client: AiohttpClient, sqlite_store: SQLiteJobStore
 ) -> None:
-    client = await aiohttp_client(create_app(Settings(metrics_cache_ttl=0.5), sqlite_store))
-    first = await full_exposition(client)
+    app = create_app(Settings(metrics_cache_ttl=0.5), sqlite_store)
+    client, receiver = await aiohttp_client(app), await receiver_of(aiohttp_client, app)
+    first = await full_exposition(client, receiver)
     body = job_span_request("acme", "completed").SerializeToString()
-    assert (await client.post("/v1/traces", data=body, headers=PROTOBUF)).status == 200
+    assert (await receiver.post("/v1/traces", data=body, headers=PROTOBUF)).status == 200
     again = await (await client.get("/metrics")).text()
     assert again == first
 
@@ -184,14 +187,14 @@ async def test_health_and_span_ingest_never_wait_on_a_render(
     app = create_app(Settings(metrics_cache_ttl=0), sqlite_store)
     blocked = _BlockedRender()
     app[REGISTRY].register(blocked)  # type: ignore[arg-type]
-    client = await aiohttp_client(app)
+    client, receiver = await aiohttp_client(app), await receiver_of(aiohttp_client, app)
     scrapes = [asyncio.create_task(client.get("/metrics")) for _ in range(3)]
     try:
         await asyncio.wait_for(asyncio.to_thread(blocked.started.wait, 10), 10)
         health = await asyncio.wait_for(client.get("/healthz"), 2)
         assert health.status == 200
         body = job_span_request("acme", "completed").SerializeToString()
-        ingest = await asyncio.wait_for(client.post("/v1/traces", data=body, headers=PROTOBUF), 2)
+        ingest = await asyncio.wait_for(receiver.post("/v1/traces", data=body, headers=PROTOBUF), 2)
         assert ingest.status == 200
         assert not any(s.done() for s in scrapes)
     finally:
@@ -207,11 +210,11 @@ async def test_store_tenants_take_label_places_from_names_seen_only_in_spans(
     aiohttp_client: AiohttpClient, sqlite_store: SQLiteJobStore
 ) -> None:
     app = create_app(Settings(metrics_cache_ttl=0, tenant_label_limit=3, refresh_interval=3600), sqlite_store)
-    client = await aiohttp_client(app)
+    client, receiver = await aiohttp_client(app), await receiver_of(aiohttp_client, app)
     await asyncio.wait_for(app[STATE].refreshed.wait(), 10)
     for junk in ("junk-a", "junk-b", "junk-c", "junk-d"):
         body = job_span_request(junk, "completed").SerializeToString()
-        assert (await client.post("/v1/traces", data=body, headers=PROTOBUF)).status == 200
+        assert (await receiver.post("/v1/traces", data=body, headers=PROTOBUF)).status == 200
     for tenant in ("acme", "globex"):
         await seed(sqlite_store, tenant)
     assert await app[STATE].refresh()
@@ -224,7 +227,7 @@ async def test_store_tenants_take_label_places_from_names_seen_only_in_spans(
     assert "embedding_exporter_tenants_evicted_total 2" in text
     # A real tenant's later spans carry its own label.
     body = job_span_request("globex", "failed").SerializeToString()
-    await client.post("/v1/traces", data=body, headers=PROTOBUF)
+    await receiver.post("/v1/traces", data=body, headers=PROTOBUF)
     text = await (await client.get("/metrics")).text()
     assert 'embedding_job_attempts_total{tenant="globex",outcome="failed"} 1' in text
 

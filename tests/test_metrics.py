@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import subprocess
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,8 +21,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp.plugin import AiohttpClient, AiohttpServer
 
-from exporter.app import create_app
-from exporter.keys import STATE
+from exporter.app import create_app, create_otlp_app
+from exporter.keys import REGISTRY, SETTINGS, SPAN_METRICS, STATE
 from exporter.spanmetrics import MetricsSpanProcessor, SpanMetrics
 from jobs import telemetry as attr
 from jobs.model import Job, JobStatus, utcnow
@@ -208,39 +209,53 @@ def job_span_request(tenant: str, outcome: str, n: int = 1, vectors: int = 3) ->
     return encode_spans(exporter.get_finished_spans())
 
 
+async def receiver_of(aiohttp_client: AiohttpClient, app: web.Application) -> Client:
+    """A client of the OTLP receiver feeding app's span metrics, on a listener of its own as the exporter serves it."""
+    return await aiohttp_client(create_otlp_app(app[SETTINGS], app[SPAN_METRICS], app[REGISTRY]))
+
+
+@dataclass
+class Exporter:
+    """Clients of the two listeners of one exporter: /metrics and the API, and the OTLP receiver."""
+
+    api: Client
+    otlp: Client
+
+
 @pytest.fixture
-async def otlp_client(aiohttp_client: AiohttpClient, tmp_path: Path) -> AsyncIterator[Client]:
+async def exporter(aiohttp_client: AiohttpClient, tmp_path: Path) -> AsyncIterator[Exporter]:
     store = await SQLiteJobStore.open(tmp_path / "jobs.db")
-    yield await aiohttp_client(create_app(Settings(metrics_cache_ttl=0, tenant_label_limit=2), store))
+    app = create_app(Settings(metrics_cache_ttl=0, tenant_label_limit=2), store)
+    yield Exporter(await aiohttp_client(app), await receiver_of(aiohttp_client, app))
     await store.close()
 
 
-async def test_otlp_protobuf_spans_become_metrics(otlp_client: Client) -> None:
+async def test_otlp_protobuf_spans_become_metrics(exporter: Exporter) -> None:
     body = job_span_request("acme", "completed", n=3).SerializeToString()
-    response = await otlp_client.post("/v1/traces", data=body, headers={"Content-Type": "application/x-protobuf"})
+    response = await exporter.otlp.post("/v1/traces", data=body, headers={"Content-Type": "application/x-protobuf"})
     assert response.status == 200
     assert response.content_type == "application/x-protobuf"
-    text = await scrape(otlp_client)
+    text = await scrape(exporter.api)
     assert sample(text, "embedding_job_attempts_total", {"tenant": "acme", "outcome": "completed"}) == 3
     assert sample(text, "embedding_vectors_total", {"tenant": "acme"}) == 9
     assert sample(text, "embedding_job_queue_wait_seconds_count", {"tenant": "acme"}) == 3
     assert sample(text, "embedding_exporter_spans_received_total", {"source": "otlp"}) == 3
 
 
-async def test_otlp_accepts_gzip_and_json(otlp_client: Client) -> None:
+async def test_otlp_accepts_gzip_and_json(exporter: Exporter) -> None:
     from google.protobuf import json_format
 
     gz = gzip.compress(job_span_request("acme", "failed").SerializeToString())
-    response = await otlp_client.post(
+    response = await exporter.otlp.post(
         "/v1/traces", data=gz, headers={"Content-Type": "application/x-protobuf", "Content-Encoding": "gzip"}
     )
     assert response.status == 200
     as_json = json_format.MessageToJson(job_span_request("acme", "failed"))
-    response = await otlp_client.post("/v1/traces", data=as_json, headers={"Content-Type": "application/json"})
+    response = await exporter.otlp.post("/v1/traces", data=as_json, headers={"Content-Type": "application/json"})
     assert response.status == 200
     assert response.content_type == "application/json"
     assert (
-        sample(await scrape(otlp_client), "embedding_job_attempts_total", {"tenant": "acme", "outcome": "failed"}) == 2
+        sample(await scrape(exporter.api), "embedding_job_attempts_total", {"tenant": "acme", "outcome": "failed"}) == 2
     )
 
 
@@ -255,11 +270,11 @@ async def test_otlp_accepts_gzip_and_json(otlp_client: Client) -> None:
     ],
 )
 async def test_otlp_bad_requests_get_a_status_error(
-    otlp_client: Client, body: bytes, headers: dict[str, str], status: int
+    exporter: Exporter, body: bytes, headers: dict[str, str], status: int
 ) -> None:
     from google.rpc import status_pb2
 
-    response = await otlp_client.post("/v1/traces", data=body, headers=headers)
+    response = await exporter.otlp.post("/v1/traces", data=body, headers=headers)
     assert response.status == status
     if response.content_type == "application/x-protobuf":
         error = status_pb2.Status()
@@ -267,19 +282,19 @@ async def test_otlp_bad_requests_get_a_status_error(
         assert error.message
 
 
-async def test_gzip_bomb_is_refused(otlp_client: Client) -> None:
+async def test_gzip_bomb_is_refused(exporter: Exporter) -> None:
     bomb = gzip.compress(b"\x00" * (70 * 1024 * 1024))
-    response = await otlp_client.post(
+    response = await exporter.otlp.post(
         "/v1/traces", data=bomb, headers={"Content-Type": "application/x-protobuf", "Content-Encoding": "gzip"}
     )
     assert response.status == 413
 
 
-async def test_tenants_past_the_label_limit_fold_into_other(otlp_client: Client) -> None:
+async def test_tenants_past_the_label_limit_fold_into_other(exporter: Exporter) -> None:
     for tenant in ("t1", "t2", "t3", "t4"):
         body = job_span_request(tenant, "completed").SerializeToString()
-        await otlp_client.post("/v1/traces", data=body, headers={"Content-Type": "application/x-protobuf"})
-    text = await scrape(otlp_client)
+        await exporter.otlp.post("/v1/traces", data=body, headers={"Content-Type": "application/x-protobuf"})
+    text = await scrape(exporter.api)
     assert sample(text, "embedding_job_attempts_total", {"tenant": "t1", "outcome": "completed"}) == 1
     assert sample(text, "embedding_job_attempts_total", {"tenant": "t2", "outcome": "completed"}) == 1
     assert sample(text, "embedding_job_attempts_total", {"tenant": "t3", "outcome": "completed"}) is None
@@ -287,15 +302,15 @@ async def test_tenants_past_the_label_limit_fold_into_other(otlp_client: Client)
     assert sample(text, "embedding_exporter_tenants_folded", {}) == 2
 
 
-async def test_exemplars_carry_trace_ids_in_openmetrics(otlp_client: Client) -> None:
+async def test_exemplars_carry_trace_ids_in_openmetrics(exporter: Exporter) -> None:
     request = job_span_request("acme", "completed")
     trace_id = request.resource_spans[0].scope_spans[0].spans[0].trace_id.hex()
-    await otlp_client.post(
+    await exporter.otlp.post(
         "/v1/traces", data=request.SerializeToString(), headers={"Content-Type": "application/x-protobuf"}
     )
-    openmetrics = await scrape(otlp_client, "application/openmetrics-text; version=1.0.0")
+    openmetrics = await scrape(exporter.api, "application/openmetrics-text; version=1.0.0")
     assert f'# {{trace_id="{trace_id}"}}' in openmetrics
-    plain = await scrape(otlp_client)
+    plain = await scrape(exporter.api)
     assert "trace_id" not in plain
 
 
@@ -312,12 +327,12 @@ async def test_metrics_token_protects_metrics(aiohttp_client: AiohttpClient, tmp
         await store.close()
 
 
-async def test_promtool_accepts_the_exposition(otlp_client: Client, tmp_path: Path) -> None:
+async def test_promtool_accepts_the_exposition(exporter: Exporter, tmp_path: Path) -> None:
     promtool = require_binary("promtool", "apt-get install prometheus")
     for outcome in ("completed", "failed", "dead_lettered"):
         body = job_span_request("acme", outcome).SerializeToString()
-        await otlp_client.post("/v1/traces", data=body, headers={"Content-Type": "application/x-protobuf"})
-    text = await scrape(otlp_client)
+        await exporter.otlp.post("/v1/traces", data=body, headers={"Content-Type": "application/x-protobuf"})
+    text = await scrape(exporter.api)
     proc = await asyncio.create_subprocess_exec(
         promtool, "check", "metrics", stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
@@ -345,10 +360,11 @@ async def test_received_spans_are_forwarded_upstream_and_failures_counted(
     store = await SQLiteJobStore.open(tmp_path / "jobs.db")
     try:
         settings = Settings(metrics_cache_ttl=0, forward_otlp_endpoint=str(upstream.make_url("/")))
-        client = await aiohttp_client(create_app(settings, store))
+        app = create_app(settings, store)
+        client, receiver = await aiohttp_client(app), await receiver_of(aiohttp_client, app)
         request = job_span_request("acme", "completed", n=2)
         headers = {"Content-Type": "application/x-protobuf"}
-        assert (await client.post("/v1/traces", data=request.SerializeToString(), headers=headers)).status == 200
+        assert (await receiver.post("/v1/traces", data=request.SerializeToString(), headers=headers)).status == 200
 
         async def forwarded(count: int, dropped: float | None = None) -> None:
             deadline = asyncio.get_running_loop().time() + 10
@@ -364,7 +380,7 @@ async def test_received_spans_are_forwarded_upstream_and_failures_counted(
         await forwarded(1)
         assert received == [request]
         refuse = True
-        assert (await client.post("/v1/traces", data=request.SerializeToString(), headers=headers)).status == 200
+        assert (await receiver.post("/v1/traces", data=request.SerializeToString(), headers=headers)).status == 200
         await forwarded(1, dropped=1)
         # Metrics are made locally whatever upstream does.
         text = await scrape(client)

@@ -36,15 +36,19 @@ def otlp_traces_url(endpoint: str) -> str | None:
 
 
 def create_tracer_provider(
-    service_name: str, otlp_endpoint: str = "", processors: Sequence[SpanProcessor] = ()
+    service_name: str, otlp_endpoint: str = "", processors: Sequence[SpanProcessor] = (), otlp_token: str = ""
 ) -> TracerProvider:
-    """A provider that records every span, exporting over OTLP/HTTP when an endpoint is set."""
+    """A provider that records every span, exporting over OTLP/HTTP when an endpoint is set.
+
+    otlp_token, when set, is sent as a bearer token, besides any OTEL_EXPORTER_OTLP_HEADERS.
+    """
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}), sampler=ALWAYS_ON)
     url = otlp_traces_url(otlp_endpoint)
     if url:
+        headers = {"Authorization": f"Bearer {otlp_token}"} if otlp_token else None
         provider.add_span_processor(
             BatchSpanProcessor(
-                OTLPSpanExporter(endpoint=url),
+                OTLPSpanExporter(endpoint=url, headers=headers),
                 max_queue_size=SPAN_QUEUE_SIZE,
                 max_export_batch_size=SPAN_BATCH_SIZE,
                 schedule_delay_millis=1000,
