@@ -1,11 +1,11 @@
 """OTLP span ingest: job spans per exporter CPU-second, against a server that only parses them.
 
 The client in this process POSTs 512-span ExportTraceServiceRequests (protobuf, plain and
-gzip) to /v1/traces; spans spread over 1k tenants and every outcome, with the attributes the
-worker writes. The figure is spans over the server process's CPU time (utime + stime from
-/proc/PID/stat) across the run. Baseline: `bench.baseline_server`, an aiohttp process whose
-handler reads the body, ParseFromString's the request and answers 200; the ratio is the share
-of parsing alone in what the exporter spends. Run: python -m bench otlp
+gzip) to /v1/traces on the exporter's OTLP listener; spans spread over 1k tenants and every
+outcome, with the attributes the worker writes. The figure is spans over the server process's
+CPU time (utime + stime from /proc/PID/stat) across the run. Baseline: `bench.baseline_server`,
+an aiohttp process whose handler reads the body, ParseFromString's the request and answers 200;
+the ratio is the share of parsing alone in what the exporter spends. Run: python -m bench otlp
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ MIN_CPU_SECONDS = 0.5
 
 def ingest(server: Server, bodies: list[bytes], headers: dict[str, str]) -> Callable[[], float]:
     """A subject: spans per CPU-second of server while it takes every body, repeated until MIN_CPU is used."""
-    client = Http(server.base)
+    client = Http(server.otlp_base)
 
     def subject() -> float:
         before = server.cpu_seconds()

@@ -146,11 +146,12 @@ def scrape(client: Http, accept: str = "", encoding: str = "") -> Reply:
 
 @dataclass(frozen=True, slots=True)
 class Command:
-    """How to start one server process that answers GET /healthz on port."""
+    """How to start one server process that answers GET /healthz on port, and takes spans on otlp_port."""
 
     argv: Sequence[str]
     env: Mapping[str, str]
     port: int
+    otlp_port: int
 
 
 @dataclass
@@ -159,6 +160,7 @@ class Server:
 
     popen: subprocess.Popen[bytes]
     port: int
+    otlp_port: int
     log: IO[bytes]
 
     @property
@@ -170,6 +172,11 @@ class Server:
     def base(self) -> str:
         """The server's base URL."""
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def otlp_base(self) -> str:
+        """The base URL of the server's OTLP receiver."""
+        return f"http://127.0.0.1:{self.otlp_port}"
 
     def log_tail(self, size: int = 2000) -> str:
         """The end of what the process wrote to stderr."""
@@ -194,17 +201,18 @@ class Server:
 
 
 def exporter_command(data_dir: Path, **settings: object) -> Command:
-    """`embedding-jobs exporter` on a free port over data_dir, with EMBEDDING_JOBS_<NAME> set from settings."""
-    port = free_port()
+    """`embedding-jobs exporter` on free ports over data_dir, with EMBEDDING_JOBS_<NAME> set from settings."""
+    port, otlp_port = free_port(), free_port()
     env = _clean_env()
     env.update({f"EMBEDDING_JOBS_{name.upper()}": str(value) for name, value in settings.items()})
     env.update(
         EMBEDDING_JOBS_DATA_DIR=str(data_dir),
         EMBEDDING_JOBS_EXPORTER_PORT=str(port),
         EMBEDDING_JOBS_EXPORTER_HOST="127.0.0.1",
+        EMBEDDING_JOBS_OTLP_PORT=str(otlp_port),
         EMBEDDING_JOBS_LOG_LEVEL="WARNING",
     )
-    return Command([sys.executable, "-m", "embedding_jobs", "exporter"], env, port)
+    return Command([sys.executable, "-m", "embedding_jobs", "exporter"], env, port, otlp_port)
 
 
 def baseline_command(exposition: Path | None = None) -> Command:
@@ -213,7 +221,8 @@ def baseline_command(exposition: Path | None = None) -> Command:
     argv = [sys.executable, "-m", "bench.baseline_server", "--port", str(port)]
     if exposition is not None:
         argv += ["--exposition", str(exposition)]
-    return Command(argv, _clean_env(), port)
+    # One port for everything, /v1/traces included: the baseline has a single listener.
+    return Command(argv, _clean_env(), port, port)
 
 
 def _clean_env() -> dict[str, str]:
@@ -231,7 +240,7 @@ def running(*commands: Command, within: float = START_WITHIN) -> Iterator[list[S
         for command in commands:
             log = stack.enter_context(tempfile.TemporaryFile())
             popen = subprocess.Popen(command.argv, env=dict(command.env), stdout=log, stderr=log, cwd=REPO)
-            servers.append(Server(popen, command.port, log))
+            servers.append(Server(popen, command.port, command.otlp_port, log))
             stack.callback(_stop, servers[-1])
         deadline = time.monotonic() + within
         for server in servers:
@@ -400,7 +409,10 @@ def _batches(count: int, tenants: int) -> list[bytes]:
 
 
 def post_spans(client: Http, batches: Sequence[bytes], headers: Mapping[str, str] | None = None) -> None:
-    """POST each batch to /v1/traces (protobuf unless headers say otherwise); raises unless each answers 200."""
+    """POST each batch to /v1/traces (protobuf unless headers say otherwise); raises unless each answers 200.
+
+    client is one of the server's OTLP receiver (Server.otlp_base).
+    """
     for body in batches:
         reply = client.request("POST", "/v1/traces", body, headers or {"Content-Type": PROTOBUF})
         if reply.status != 200:
@@ -433,8 +445,9 @@ def load_tenants(server: Server, tenants: int) -> str:
     """
     count = 3 * tenants
     client = Http(server.base)
+    receiver = Http(server.otlp_base)
     try:
-        post_spans(client, _batches(count, tenants))
+        post_spans(receiver, _batches(count, tenants))
         text = ""
 
         def ready() -> bool:
@@ -449,3 +462,4 @@ def load_tenants(server: Server, tenants: int) -> str:
         return text
     finally:
         client.close()
+        receiver.close()
