@@ -37,6 +37,8 @@ from tests.helm_tools import (
 
 Manifest = dict[str, Any]
 ALL_ON = CHART / "ci" / "all-on-values.yaml"
+# The defaults with the open API they need said explicitly (the defaults alone are refused).
+TRIAL = CHART / "ci" / "trial-values.yaml"
 DOCKERFILE = REPO / "Dockerfile"
 # kubernetes-validate has schemas for the built-in kinds only; these are checked structurally below.
 CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject", "TriggerAuthentication"}
@@ -171,7 +173,7 @@ def refusal(helm: Helm, *values_files: Path, set_values: tuple[str, ...] = (), k
 
 # Each layout a cluster can get: (values files, --set overrides, Kubernetes version).
 LAYOUTS: dict[str, tuple[tuple[Path, ...], tuple[str, ...], str]] = {
-    "default": ((), (), "1.30.0"),
+    "default": ((TRIAL,), (), "1.30.0"),
     "all-on": ((ALL_ON,), (), "1.30.0"),
     "plain-sidecar": ((ALL_ON,), ("exporter.nativeSidecar=false",), "1.28.0"),
 }
@@ -241,14 +243,25 @@ def env_of(c: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
 
 
+def plain_env(c: dict[str, Any]) -> dict[str, str]:
+    """A container's env variables that have a literal value (not from a Secret)."""
+    return {name: value for name, value in env_of(c).items() if isinstance(value, str)}
+
+
+def port_of(c: dict[str, Any], name: str) -> int | None:
+    """The container port called name, or None when the container has none of that name."""
+    ports = [p["containerPort"] for p in c.get("ports", []) if p["name"] == name]
+    assert len(ports) <= 1
+    return ports[0] if ports else None
+
+
 # Lint and Kubernetes schemas -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("values", [None, ALL_ON], ids=["default", "all-on"])
-def test_chart_passes_strict_lint(helm: Helm, values: Path | None) -> None:
-    args = ["lint", "--strict", str(CHART), "--kube-version", "1.30.0"]
-    if values is not None:
-        args += ["--values", str(values)]
+@pytest.mark.parametrize("values", [TRIAL, ALL_ON], ids=["trial", "all-on"])
+def test_chart_passes_strict_lint(helm: Helm, values: Path) -> None:
+    args = ["lint", "--strict", str(CHART), "--kube-version", "1.30.0", "--values", str(values)]
+    if values == ALL_ON:
         for override in all_on_overrides():
             args += ["--set", override]
     result = helm.run(*args)
@@ -333,18 +346,21 @@ def test_exporter_runs_as_native_sidecar_and_receives_the_worker_spans(layout: t
         assert [c["name"] for c in spec["containers"]] == ["worker"]
     assert (exporter["args"], worker["args"]) == (["exporter"], ["worker"])
     assert exporter["image"] == worker["image"]
-    (port,) = exporter["ports"]
-    assert env_of(worker)["EMBEDDING_JOBS_OTLP_ENDPOINT"] == f"http://127.0.0.1:{port['containerPort']}"
-    assert env_of(exporter)["EMBEDDING_JOBS_EXPORTER_HOST"] == "0.0.0.0"
     config = settings_map(manifests)
-    assert config["data"]["EMBEDDING_JOBS_EXPORTER_PORT"] == str(port["containerPort"])
+    # Each container's settings as the application reads them: the ConfigMap, then its own env.
+    worker_settings = Settings.load(environ={**config["data"], **env_of(worker)})
+    exporter_settings = Settings.load(environ={**config["data"], **plain_env(exporter)})
+    assert worker_settings.otlp_endpoint == f"http://127.0.0.1:{exporter_settings.otlp_port}"
+    assert exporter_settings.exporter_host == "0.0.0.0"
+    assert exporter_settings.otlp_port != exporter_settings.exporter_port
+    assert port_of(exporter, "http") == exporter_settings.exporter_port
     for c in (exporter, worker):
         assert c["envFrom"] == [{"configMapRef": {"name": config["metadata"]["name"]}}]
 
 
 def test_plain_sidecar_outlives_the_worker_drain(helm: Helm) -> None:
     manifests = render(
-        helm, set_values=("exporter.nativeSidecar=false", "worker.drainTimeoutSeconds=40"), kube="1.28.0"
+        helm, TRIAL, set_values=("exporter.nativeSidecar=false", "worker.drainTimeoutSeconds=40"), kube="1.28.0"
     )
     exporter = container(manifests, "exporter")
     assert exporter["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "40"]
@@ -352,12 +368,12 @@ def test_plain_sidecar_outlives_the_worker_drain(helm: Helm) -> None:
 
 
 def test_native_sidecar_is_refused_before_kubernetes_1_29(helm: Helm) -> None:
-    assert "exporter.nativeSidecar=false" in refusal(helm, kube="1.28.0")
+    assert "exporter.nativeSidecar=false" in refusal(helm, TRIAL, kube="1.28.0")
 
 
 def test_probes_service_servicemonitor_and_network_policy_use_the_exporter_port(all_on: list[Manifest]) -> None:
     exporter = container(all_on, "exporter")
-    (port,) = exporter["ports"]
+    [port] = [p for p in exporter["ports"] if p["name"] == "http"]
     assert port["containerPort"] == 9464
     probes = {kind: exporter[kind]["httpGet"] for kind in ("startupProbe", "livenessProbe", "readinessProbe")}
     assert {kind: (p["path"], p["port"]) for kind, p in probes.items()} == {
@@ -367,14 +383,14 @@ def test_probes_service_servicemonitor_and_network_policy_use_the_exporter_port(
     }
     assert "livenessProbe" not in container(all_on, "worker")
     service = one(all_on, "Service")
-    (service_port,) = service["spec"]["ports"]
+    [service_port] = [p for p in service["spec"]["ports"] if p["name"] == "http"]
     assert service_port["targetPort"] == port["name"]
     pod_labels = one(all_on, "Deployment")["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
     (endpoint,) = one(all_on, "ServiceMonitor")["spec"]["endpoints"]
     assert (endpoint["port"], endpoint["path"]) == (service_port["name"], "/metrics")
     (ingress,) = one(all_on, "NetworkPolicy")["spec"]["ingress"]
-    assert ingress["ports"] == [{"port": port["name"], "protocol": "TCP"}]
+    assert {"port": port["name"], "protocol": "TCP"} in ingress["ports"]
 
 
 def test_every_container_is_locked_down(layout: tuple[str, list[Manifest]]) -> None:
@@ -399,7 +415,7 @@ def test_every_container_is_locked_down(layout: tuple[str, list[Manifest]]) -> N
 
 @pytest.mark.parametrize("drain", [0, 25, 600])
 def test_grace_period_is_the_drain_timeout_plus_a_margin(helm: Helm, drain: int) -> None:
-    manifests = render(helm, set_values=(f"worker.drainTimeoutSeconds={drain}",))
+    manifests = render(helm, TRIAL, set_values=(f"worker.drainTimeoutSeconds={drain}",))
     grace = pod_spec(manifests)["terminationGracePeriodSeconds"]
     assert grace > drain
     assert grace == drain + yaml.safe_load((CHART / "values.yaml").read_text())["worker"]["terminationMarginSeconds"]
@@ -432,7 +448,7 @@ def test_every_config_key_reaches_the_application_as_its_setting(helm: Helm, tmp
     properties = json.loads(SCHEMA.read_text())["properties"]["config"]["properties"]
     config = {key: changed(prop) for key, prop in properties.items()}
     values = tmp_path / "values.yaml"
-    values.write_text(yaml.safe_dump({"config": config}))
+    values.write_text(yaml.safe_dump({"config": config, "api": {"allowAnonymous": True}}))
     data = settings_map(render(helm, values))["data"]
     settings = Settings.load(environ=data)
     for f in fields(Settings):
@@ -446,8 +462,8 @@ def test_secrets_reach_only_the_containers_that_use_them(
 ) -> None:
     secret_fields = {f.name for f in fields(Settings) if f.metadata["secret"]}
     wanted = {
-        "worker": {"cosmos_key", "servicebus_connection_string", "openai_api_key"},
-        "exporter": {"cosmos_key", "servicebus_connection_string", "api_tokens", "metrics_token"},
+        "worker": {"cosmos_key", "servicebus_connection_string", "openai_api_key", "otlp_token"},
+        "exporter": {"cosmos_key", "servicebus_connection_string", "api_tokens", "metrics_token", "otlp_token"},
     }
     secrets = all_on_values["secrets"]
     assert set(secrets) == {camel(name) for name in secret_fields}, "a secret setting the chart cannot pass"
@@ -460,7 +476,7 @@ def test_secrets_reach_only_the_containers_that_use_them(
         assert set(from_secrets) == expected, name
         for field_name, ref in from_secrets.items():
             assert ref == {"name": secrets[camel(field_name)]["name"], "key": secrets[camel(field_name)]["key"]}
-    assert not any(isinstance(v, dict) for c in containers(render(helm)) for v in env_of(c).values())
+    assert not any(isinstance(v, dict) for c in containers(render(helm, TRIAL)) for v in env_of(c).values())
 
 
 def test_workload_identity_labels_the_pods_and_annotates_the_service_account(
@@ -473,7 +489,7 @@ def test_workload_identity_labels_the_pods_and_annotates_the_service_account(
     assert pod["spec"]["serviceAccountName"] == account["metadata"]["name"]
     assert account["metadata"]["annotations"]["azure.workload.identity/client-id"] == identity["clientId"]
     assert account["metadata"]["annotations"]["azure.workload.identity/tenant-id"] == identity["tenantId"]
-    default = render(helm)
+    default = render(helm, TRIAL)
     assert "azure.workload.identity/use" not in one(default, "Deployment")["spec"]["template"]["metadata"]["labels"]
 
 
@@ -491,9 +507,103 @@ def test_keda_owns_the_replica_count_and_scales_on_the_configured_queue(
     (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
     without_name = render(helm, tmp_path / "values.yaml", set_values=tuple(all_on_overrides()))
     assert one(without_name, "ScaledObject")["spec"]["triggers"][0]["metadata"]["queueName"] == Settings().queue_name
-    default = render(helm)
+    default = render(helm, TRIAL)
     assert one(default, "Deployment")["spec"]["replicas"] == 1
     assert not [m for m in default if m["kind"] in CUSTOM_KINDS]
+
+
+# Safe defaults: the API, the OTLP receiver, the data volume -------------------------------------
+
+OPEN_API = "the REST API would answer anyone who reaches the pod"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [(), ("api.allowAnonymous=false",), ("exporter.listenHost=::",), ("exporter.listenHost=10.0.0.7",)],
+    ids=["defaults", "explicit-false", "ipv6-any", "pod-address"],
+)
+def test_an_exposed_api_without_a_token_secret_is_refused(helm: Helm, overrides: tuple[str, ...]) -> None:
+    message = refusal(helm, set_values=overrides)
+    assert OPEN_API in message
+    assert "secrets.apiTokens.name" in message
+    assert "api.allowAnonymous=true" in message
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("api.allowAnonymous=true",),
+        ("secrets.apiTokens.name=embedding-jobs-api",),
+        ("exporter.listenHost=127.0.0.1",),
+        ("exporter.listenHost=localhost",),
+    ],
+    ids=["anonymous-on-purpose", "token-secret", "loopback", "localhost"],
+)
+def test_an_api_renders_with_a_token_secret_an_explicit_opt_in_or_on_loopback(
+    helm: Helm, overrides: tuple[str, ...]
+) -> None:
+    manifests = render(helm, set_values=overrides)
+    tokens = env_of(container(manifests, "exporter")).get("EMBEDDING_JOBS_API_TOKENS")
+    if "secrets.apiTokens.name=embedding-jobs-api" in overrides:
+        assert tokens == {"secretKeyRef": {"name": "embedding-jobs-api", "key": "api-tokens"}}
+    else:
+        assert tokens is None
+
+
+def test_worker_sends_spans_to_a_receiver_only_the_pod_can_reach(helm: Helm) -> None:
+    manifests = render(helm, TRIAL, set_values=("exporter.otlp.port=4400",))
+    worker, exporter = container(manifests, "worker"), container(manifests, "exporter")
+    data = settings_map(manifests)["data"]
+    assert env_of(worker)["EMBEDDING_JOBS_OTLP_ENDPOINT"] == "http://127.0.0.1:4400"
+    receiver = Settings.load(environ={**data, **plain_env(exporter)})
+    assert (receiver.otlp_host, receiver.otlp_port, receiver.otlp_token) == ("127.0.0.1", 4400, "")
+    # Nothing outside the pod gets a way in: no container port, no Service port, no policy port.
+    assert port_of(exporter, "otlp") is None
+    assert [p["containerPort"] for p in exporter["ports"]] == [receiver.exporter_port]
+    assert [p["name"] for p in one(manifests, "Service")["spec"]["ports"]] == ["http"]
+    policy = render(helm, TRIAL, set_values=("networkPolicy.enabled=true",))
+    (ingress,) = one(policy, "NetworkPolicy")["spec"]["ingress"]
+    assert ingress["ports"] == [{"port": "http", "protocol": "TCP"}]
+
+
+def test_an_exposed_receiver_gets_ports_and_the_token_on_both_sides(
+    all_on: list[Manifest], all_on_values: dict[str, Any]
+) -> None:
+    worker, exporter = container(all_on, "worker"), container(all_on, "exporter")
+    data = settings_map(all_on)["data"]
+    receiver = Settings.load(environ={**data, **plain_env(exporter)})
+    assert receiver.otlp_host == all_on_values["exporter"]["listenHost"] == "0.0.0.0"
+    assert port_of(exporter, "otlp") == receiver.otlp_port == 4319
+    assert env_of(worker)["EMBEDDING_JOBS_OTLP_ENDPOINT"] == "http://127.0.0.1:4319"
+    token = {"secretKeyRef": {k: all_on_values["secrets"]["otlpToken"][k] for k in ("name", "key")}}
+    assert env_of(exporter)["EMBEDDING_JOBS_OTLP_TOKEN"] == token
+    assert env_of(worker)["EMBEDDING_JOBS_OTLP_TOKEN"] == token
+    service_ports = {p["name"]: p for p in one(all_on, "Service")["spec"]["ports"]}
+    assert service_ports["otlp"] == {"name": "otlp", "port": 4319, "targetPort": "otlp", "protocol": "TCP"}
+    (ingress,) = one(all_on, "NetworkPolicy")["spec"]["ingress"]
+    assert {"port": "otlp", "protocol": "TCP"} in ingress["ports"]
+    # The ServiceMonitor scrapes the metrics port only.
+    (endpoint,) = one(all_on, "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["port"] == "http"
+
+
+def test_the_worker_always_mounts_the_data_volume(layout: tuple[str, list[Manifest]]) -> None:
+    name, manifests = layout
+    spec = pod_spec(manifests)
+    data_dir = settings_map(manifests)["data"]["EMBEDDING_JOBS_DATA_DIR"]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "data"]
+    assert volume == {"name": "data", "emptyDir": {"sizeLimit": "1Gi"}}
+    assert {"name": "data", "mountPath": data_dir} in container(manifests, "worker")["volumeMounts"]
+    exporter_mounts = container(manifests, "exporter")["volumeMounts"]
+    # The exporter needs the volume only for the SQLite store it reads.
+    local = name == "default"
+    assert ({"name": "data", "mountPath": data_dir} in exporter_mounts) is local
+
+
+def test_the_data_volume_size_is_configurable(helm: Helm) -> None:
+    manifests = render(helm, ALL_ON, set_values=("dataVolume.sizeLimit=5Gi", *all_on_overrides()))
+    (volume,) = [v for v in pod_spec(manifests)["volumes"] if v["name"] == "data"]
+    assert volume["emptyDir"] == {"sizeLimit": "5Gi"}
 
 
 # Schema and chart-level checks -----------------------------------------------------------------
@@ -503,6 +613,8 @@ REFUSED_BY_SCHEMA = {
     "unknown key": {"replicas": 2},
     "unknown nested key": {"exporter": {"prot": 8080}},
     "setting the chart owns": {"config": {"drainTimeout": 30}},
+    "receiver address outside exporter.otlp": {"config": {"otlpHost": "0.0.0.0"}},
+    "receiver opt-in that is not a boolean": {"exporter": {"otlp": {"expose": "yes"}}},
     "unknown setting": {"config": {"colour": "blue"}},
     "setting outside its choices": {"config": {"store": "postgres"}},
     "zero evictions": {"podDisruptionBudget": {"maxUnavailable": 0}},
@@ -530,6 +642,8 @@ REFUSED_BY_TEMPLATES = {
     "servicebus without credentials": (("config.queue=servicebus",), "servicebusNamespace"),
     "openai without endpoint": (("config.embedder=openai",), "openaiEndpoint"),
     "workload identity without client id": (("azure.workloadIdentity.enabled=true",), "clientId"),
+    "exposed receiver without a token": (("exporter.otlp.expose=true",), "needs secrets.otlpToken"),
+    "receiver on the API port": (("exporter.otlp.port=8080",), "needs a port of its own"),
 }
 
 
@@ -537,7 +651,7 @@ REFUSED_BY_TEMPLATES = {
 def test_combinations_that_would_crash_the_pod_are_refused(
     helm: Helm, overrides: tuple[str, ...], message: str
 ) -> None:
-    assert message in refusal(helm, set_values=overrides)
+    assert message in refusal(helm, TRIAL, set_values=overrides)
 
 
 # Files generated from the repository -----------------------------------------------------------

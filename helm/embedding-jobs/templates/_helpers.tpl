@@ -54,6 +54,16 @@ app.kubernetes.io/part-of: embedding-jobs
 {{- (.Values.config | default dict).queue | default "local" }}
 {{- end }}
 
+{{/* The data volume's mount path and EMBEDDING_JOBS_DATA_DIR. */}}
+{{- define "embedding-jobs.dataDir" -}}
+/var/lib/embedding-jobs
+{{- end }}
+
+{{/* True (non-empty) when a listen address is a loopback one, which only the pod's own containers reach. */}}
+{{- define "embedding-jobs.isLoopback" -}}
+{{- if or (hasPrefix "127." .) (eq (lower .) "localhost") (eq . "::1") }}true{{ end }}
+{{- end }}
+
 {{/* True (non-empty) when the pod keeps its SQLite store or queue on a pod volume. */}}
 {{- define "embedding-jobs.usesLocalStore" -}}
 {{- if or (eq (include "embedding-jobs.store" .) "sqlite") (eq (include "embedding-jobs.queue" .) "local") }}true{{ end }}
@@ -92,7 +102,8 @@ Call as (list $ "cosmosKey" ...); each container gets only the secrets it uses.
   "servicebusConnectionString" "EMBEDDING_JOBS_SERVICEBUS_CONNECTION_STRING"
   "openaiApiKey" "EMBEDDING_JOBS_OPENAI_API_KEY"
   "apiTokens" "EMBEDDING_JOBS_API_TOKENS"
-  "metricsToken" "EMBEDDING_JOBS_METRICS_TOKEN" }}
+  "metricsToken" "EMBEDDING_JOBS_METRICS_TOKEN"
+  "otlpToken" "EMBEDDING_JOBS_OTLP_TOKEN" }}
 {{- range rest . }}
 {{- $ref := get $root.Values.secrets . }}
 {{- if $ref.name }}
@@ -126,6 +137,15 @@ Combinations the schema cannot express; failing here beats a pod that crash-loop
 {{- define "embedding-jobs.validate" -}}
 {{- $v := .Values }}
 {{- $config := $v.config | default dict }}
+{{- if and (not (include "embedding-jobs.isLoopback" $v.exporter.listenHost)) (not $v.secrets.apiTokens.name) (not $v.api.allowAnonymous) }}
+{{- fail (printf "the REST API would answer anyone who reaches the pod (exporter.listenHost=%s and no secrets.apiTokens): create a Secret holding 'TOKEN=tenant-a,tenant-b;OPS=*' and set secrets.apiTokens.name, or set api.allowAnonymous=true if an open API is meant" $v.exporter.listenHost) }}
+{{- end }}
+{{- if and $v.exporter.otlp.expose (not $v.secrets.otlpToken.name) }}
+{{- fail "exporter.otlp.expose opens the OTLP receiver to other pods, so it needs secrets.otlpToken (the exporter refuses to listen off loopback without a token)" }}
+{{- end }}
+{{- if eq (int $v.exporter.otlp.port) (int $v.exporter.port) }}
+{{- fail (printf "exporter.otlp.port and exporter.port are both %d: the OTLP receiver needs a port of its own" (int $v.exporter.port)) }}
+{{- end }}
 {{- if and $v.exporter.nativeSidecar (not (semverCompare ">=1.29.0-0" .Capabilities.KubeVersion.Version)) }}
 {{- fail (printf "exporter.nativeSidecar needs Kubernetes 1.29 or later (this cluster: %s); set exporter.nativeSidecar=false" .Capabilities.KubeVersion.Version) }}
 {{- end }}
@@ -164,12 +184,16 @@ Combinations the schema cannot express; failing here beats a pod that crash-loop
 {{- end }}
 {{- end }}
 
+{{/*
+Mounts of a container; call as (list $ WITH_DATA). The worker always has the data volume (its spool of
+buffered job-store writes lives there); the exporter only when it reads the SQLite store.
+*/}}
 {{- define "embedding-jobs.volumeMounts" -}}
 - name: tmp
   mountPath: /tmp
-{{- if include "embedding-jobs.usesLocalStore" . }}
+{{- if index . 1 }}
 - name: data
-  mountPath: /var/lib/embedding-jobs
+  mountPath: {{ include "embedding-jobs.dataDir" (index . 0) }}
 {{- end }}
 {{- end }}
 
@@ -185,13 +209,21 @@ Combinations the schema cannot express; failing here beats a pod that crash-loop
   env:
     - name: EMBEDDING_JOBS_EXPORTER_HOST
       value: {{ .Values.exporter.listenHost | quote }}
-    {{- with include "embedding-jobs.secretEnv" (list $ "cosmosKey" "servicebusConnectionString" "apiTokens" "metricsToken") }}
+    {{- /* Loopback unless exposed: then only the worker beside it can send spans. */}}
+    - name: EMBEDDING_JOBS_OTLP_HOST
+      value: {{ ternary .Values.exporter.listenHost "127.0.0.1" .Values.exporter.otlp.expose | quote }}
+    {{- with include "embedding-jobs.secretEnv" (list $ "cosmosKey" "servicebusConnectionString" "apiTokens" "metricsToken" "otlpToken") }}
     {{- trim . | nindent 4 }}
     {{- end }}
   ports:
     - name: http
       containerPort: {{ .Values.exporter.port | int }}
       protocol: TCP
+    {{- if .Values.exporter.otlp.expose }}
+    - name: otlp
+      containerPort: {{ .Values.exporter.otlp.port | int }}
+      protocol: TCP
+    {{- end }}
   startupProbe:
     httpGet:
       path: /healthz
@@ -212,5 +244,5 @@ Combinations the schema cannot express; failing here beats a pod that crash-loop
   resources:
     {{- toYaml .Values.exporter.resources | nindent 4 }}
   volumeMounts:
-    {{- include "embedding-jobs.volumeMounts" . | nindent 4 }}
+    {{- include "embedding-jobs.volumeMounts" (list . (include "embedding-jobs.usesLocalStore" .)) | nindent 4 }}
 {{- end }}
