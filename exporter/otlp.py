@@ -68,8 +68,8 @@ def is_loopback(host: str) -> bool:
 def check_listener(host: str, token: str) -> None:
     """Refuse (ValueError) a receiver reachable from other hosts that admits anyone.
 
-    Spans become the tenants' latency and outcome metrics: an open receiver lets any caller
-    forge them, and nothing but this check would say so before someone did.
+    Spans become the tenants' latency and outcome metrics: an open receiver off loopback lets
+    anyone who reaches it forge them.
     """
     if not token and not is_loopback(host):
         raise ValueError(
