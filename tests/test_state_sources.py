@@ -41,13 +41,14 @@ SETTINGS = Settings(
     metrics_cache_ttl=0, refresh_interval=0.2, refresh_timeout=1.0, queue_timeout=1.0, state_role="always"
 )
 
-JOBS_PENDING = ("embedding_jobs", {"tenant": "acme", "status": "pending"})
-ACTIVE = ("embedding_queue_messages", {"queue": QUEUE, "state": "active"})
-STORE_ERRORS = ("embedding_exporter_store_refresh_errors_total", {})
-STORE_LAST = ("embedding_exporter_store_last_success_timestamp_seconds", {})
-DEPTH_ERRORS = ("embedding_exporter_queue_depth_errors_total", {"queue": QUEUE})
-DEPTH_LAST = ("embedding_exporter_queue_depth_last_success_timestamp_seconds", {"queue": QUEUE})
-DEPTH_READS = ("embedding_exporter_queue_depth_duration_seconds_count", {"queue": QUEUE})
+Series = tuple[str, dict[str, str]]
+JOBS_PENDING: Series = ("embedding_jobs", {"tenant": "acme", "status": "pending"})
+ACTIVE: Series = ("embedding_queue_messages", {"queue": QUEUE, "state": "active"})
+STORE_ERRORS: Series = ("embedding_exporter_store_refresh_errors_total", {})
+STORE_LAST: Series = ("embedding_exporter_store_last_success_timestamp_seconds", {})
+DEPTH_ERRORS: Series = ("embedding_exporter_queue_depth_errors_total", {"queue": QUEUE})
+DEPTH_LAST: Series = ("embedding_exporter_queue_depth_last_success_timestamp_seconds", {"queue": QUEUE})
+DEPTH_READS: Series = ("embedding_exporter_queue_depth_duration_seconds_count", {"queue": QUEUE})
 
 
 async def scrape(client: Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -60,7 +61,7 @@ async def scrape(client: Client) -> dict[tuple[str, tuple[tuple[str, str], ...]]
     }
 
 
-def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], series: tuple[str, dict[str, str]]) -> float:
+def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], series: Series) -> float:
     name, labels = series
     return samples.get((name, tuple(sorted(labels.items()))), float("nan"))
 
