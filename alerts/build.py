@@ -315,8 +315,39 @@ def alerting_rules(params: RuleParams) -> list[dict[str, object]]:
             severity="warning",
             summary="Job gauges of {{ $labels.job }} are stale",
             description="The state leader of job {{ $labels.job }} last read the job store "
-            "{{ $value | humanizeDuration }} ago. The job, stuck-job and queue gauges show old values, "
+            "{{ $value | humanizeDuration }} ago. The job and stuck-job gauges show old values, "
             "and the alerts built on them are blind.",
+            tenant=False,
+        ),
+        # Queue depth is read apart from the store, so these name the queue, and a store outage
+        # never fires them (nor a queue outage the two above).
+        _alert(
+            p,
+            "EmbeddingExporterQueueDepthFailing",
+            "sum by (job, queue) (rate(embedding_exporter_queue_depth_errors_total"
+            f"[{p.refresh_window}]))\n/\n"
+            "sum by (job, queue) (rate(embedding_exporter_queue_depth_duration_seconds_count"
+            f"[{p.refresh_window}]))\n> {_number(p.refresh_error_ratio)}",
+            for_=p.refresh_for,
+            severity="warning",
+            summary="The embedding-jobs exporters of {{ $labels.job }} cannot read the depth of queue "
+            "{{ $labels.queue }}",
+            description="Job {{ $labels.job }}: {{ $value | humanizePercentage }} of the state leader's reads of "
+            f"the depth of queue {{{{ $labels.queue }}}} failed or timed out over the last {p.refresh_window}; "
+            "the queue gauges are going stale. The job store is not involved.",
+            tenant=False,
+        ),
+        _alert(
+            p,
+            "EmbeddingExporterQueueDepthStale",
+            "time() - max by (job, queue) (embedding_exporter_queue_depth_last_success_timestamp_seconds)\n"
+            f"> {_number(p.stale_after_seconds)}",
+            for_=p.stale_for,
+            severity="warning",
+            summary="Queue depth of {{ $labels.queue }} is stale",
+            description="The state leader of job {{ $labels.job }} last read the depth of queue {{ $labels.queue }} "
+            "{{ $value | humanizeDuration }} ago. The queue gauges show old values, so the stall and "
+            "dead-letter queue alerts are blind; the job gauges are not affected.",
             tenant=False,
         ),
         _alert(

@@ -316,6 +316,38 @@ def overview(params: RuleParams) -> dashboard.Dashboard:
             )
         )
         .with_panel(
+            timeseries_panel(
+                "Queue depth age",
+                "Seconds since the state leader last read the queue depth, per queue: the queue gauges are this "
+                "old. Read apart from the job store, so one failing never ages the other's gauges.",
+                [
+                    query(
+                        "time() - max by (instance, queue) "
+                        "(embedding_exporter_queue_depth_last_success_timestamp_seconds)",
+                        "{{queue}} {{instance}}",
+                    )
+                ],
+                unit="s",
+                width=THIRD,
+                thresholds=[(params.stale_after_seconds, "red")],
+            )
+        )
+        .with_panel(
+            timeseries_panel(
+                "Queue depth read errors",
+                "Failed or timed-out reads of the queue depth per second, by queue and exporter (only the state "
+                "leader reads). The job store is not involved in these reads.",
+                [
+                    query(
+                        f"sum by (queue, instance) (rate(embedding_exporter_queue_depth_errors_total[{RATE}]))",
+                        "{{queue}} {{instance}}",
+                    )
+                ],
+                unit="ops",
+                width=THIRD,
+            )
+        )
+        .with_panel(
             stat_panel(
                 "State leader",
                 "The exporter holding the state lease, the only one reading the job store for state metrics. "

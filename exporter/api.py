@@ -1,21 +1,29 @@
-"""The REST API over the job store: list, get, stats, retry, the overview and the OpenAPI document."""
+"""The REST API over the job store: list, get, stats, retry, the overview and the OpenAPI document.
+
+No request waits on the store longer than the store timeout (`store_timeout`), nor on the
+queue longer than the queue timeout (`queue_timeout`): past them the answer is a 503 with
+the JSON error. A read that runs out is abandoned; a retry's write is not (it may still
+land), so its outcome is followed in the background until the job has its message or is
+parked again.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 from exporter import openapi
 from exporter.auth import Principal
 from exporter.errors import error_response
-from exporter.keys import AUTH, ENQUEUE, STORE
+from exporter.keys import API_TASKS, AUTH, ENQUEUE, SETTINGS, STORE
 from jobs.errors import (
     InvalidContinuationError,
     InvalidJobError,
@@ -30,6 +38,7 @@ from jobs.store import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, JobStore
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 S = JobStatus
 PREFIX = "/api/v1"
 RETRYABLE: frozenset[JobStatus] = frozenset({S.FAILED, S.DEAD_LETTERED})
@@ -47,6 +56,7 @@ _ECHO_MAX = 64
 
 routes = web.RouteTableDef()
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Enqueue = Callable[[Job], Awaitable[None]]
 
 
 class _Reject(Exception):
@@ -86,8 +96,56 @@ def setup(app: web.Application) -> None:
     async def openapi_json(request: web.Request) -> web.Response:
         return web.Response(body=body, content_type="application/json")
 
+    app[API_TASKS] = set()
+    app.cleanup_ctx.append(_finish_background_tasks)
     app.router.add_routes(routes)
     app.router.add_get(openapi.OPENAPI_PATH, openapi_json)
+
+
+async def _finish_background_tasks(app: web.Application) -> AsyncIterator[None]:
+    """On shutdown, give retries still following a store write or a send their bounded time to end."""
+    yield
+    tasks = app[API_TASKS]
+    if not tasks:
+        return
+    settings = app[SETTINGS]
+    _, running = await asyncio.wait(set(tasks), timeout=settings.store_timeout + settings.queue_timeout)
+    for task in running:
+        log.error("shutting down during %s: the job may stay pending without a message", task.get_name())
+        task.cancel()
+    await asyncio.gather(*running, return_exceptions=True)
+
+
+def _background(app: web.Application, work: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
+    """Run work to its end whatever happens to the request that started it."""
+    task = asyncio.create_task(work, name=name)
+    tasks = app[API_TASKS]
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+    return task
+
+
+async def _within(request: web.Request, call: Awaitable[T]) -> T:
+    """The result of store reads made for request, or a 503 once they take longer than the store timeout."""
+    seconds = request.app[SETTINGS].store_timeout
+    try:
+        async with asyncio.timeout(seconds):
+            return await call
+    except TimeoutError as exc:
+        log.warning("job store did not answer within %g s for %s %s", seconds, request.method, request.path)
+        raise _store_timeout(seconds) from exc
+
+
+def _store_timeout(seconds: float, consequence: str = "try again later") -> _Reject:
+    return _Reject(503, "store_timeout", f"the job store did not answer within {seconds:g} s; {consequence}")
+
+
+async def _result_within(task: asyncio.Task[T], seconds: float | None) -> T:
+    """task's result, or TimeoutError after seconds (None: no limit) while the task runs on."""
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        raise TimeoutError
+    return task.result()
 
 
 # -- request parsing ----------------------------------------------------------------
@@ -209,7 +267,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     limit = _limit(request)
     token = _param(request, "continuationToken")
     try:
-        page = await request.app[STORE].list(tenant, status=status, limit=limit, continuation=token)
+        page = await _within(request, request.app[STORE].list(tenant, status=status, limit=limit, continuation=token))
     except InvalidContinuationError as exc:
         raise _Reject(400, "invalid_continuation_token", str(exc)) from exc
     return _page_response(page.items, page.continuation)
@@ -224,8 +282,11 @@ async def job_stats(request: web.Request) -> web.Response:
     tenant = _optional_tenant(request, principal)
     store = request.app[STORE]
     if tenant is not None:
-        return web.json_response({"tenantId": tenant, "stats": _stats_json(await store.stats(tenant))})
-    visible = await _visible_stats(store, principal)
+        return web.json_response(
+            {"tenantId": tenant, "stats": _stats_json(await _within(request, store.stats(tenant)))}
+        )
+    # One bound for all reads: a token with many tenants reads them one after the other.
+    visible = await _within(request, _visible_stats(store, principal))
     return web.json_response({"tenants": {name: _stats_json(visible[name]) for name in sorted(visible)}})
 
 
@@ -237,7 +298,7 @@ async def get_job(request: web.Request) -> web.Response:
     tenant = _tenant(request, principal)
     job_id = _job_id(request)
     try:
-        job = await request.app[STORE].get(tenant, job_id)
+        job = await _within(request, request.app[STORE].get(tenant, job_id))
     except JobNotFoundError as exc:
         raise _not_found(exc) from exc
     return _job_response(job)
@@ -253,48 +314,118 @@ async def retry_job(request: web.Request) -> web.Response:
     enqueue = request.app.get(ENQUEUE)
     if enqueue is None:
         raise _Reject(503, "retry_unavailable", "retries are not available: this exporter has no queue to send to")
-    store = request.app[STORE]
     try:
-        job = await store.get(tenant, job_id)
+        job = await _within(request, request.app[STORE].get(tenant, job_id))
     except JobNotFoundError as exc:
         raise _not_found(exc) from exc
     if job.status not in RETRYABLE:
         raise _not_retryable(job_id, job.status.value)
     # Once the job is pending its message must be sent, or the job parked again, even if the
     # caller disconnects halfway: otherwise it would sit in pending with nothing to process it.
-    return await asyncio.shield(_retry(store, enqueue, job))
+    return await asyncio.shield(_retry(request.app, enqueue, job))
 
 
 def _not_retryable(job_id: str, status: str) -> _Reject:
     return _Reject(409, "conflict", f"job {job_id!r} is {status}; only failed or dead_lettered jobs can be retried")
 
 
-async def _retry(store: JobStore, enqueue: Callable[[Job], Awaitable[None]], job: Job) -> web.Response:
+async def _retry(app: web.Application, enqueue: Enqueue, job: Job) -> web.Response:
+    settings = app[SETTINGS]
+    # The error stays on the record so the reason of the last failure remains visible.
+    write = _background(
+        app,
+        app[STORE].transition(job.tenant_id, job.id, job.status, S.PENDING, retry_count=0),
+        f"retry write of job {job.id} in tenant {job.tenant_id}",
+    )
     try:
-        # The error stays on the record so the reason of the last failure remains visible.
-        pending = await store.transition(job.tenant_id, job.id, job.status, S.PENDING, retry_count=0)
+        pending = await _result_within(write, settings.store_timeout)
+    except TimeoutError:
+        # An unanswered write may still land (a SQLite write queued on the file's lock, a Cosmos
+        # request held up in the network): whenever it does, the job's message is sent then.
+        _background(app, _send_once_written(app, enqueue, write), f"retry of job {job.id} in tenant {job.tenant_id}")
+        log.warning("retry of job %s in tenant %s: the store did not confirm the write in time", job.id, job.tenant_id)
+        raise _store_timeout(
+            settings.store_timeout, "if the retry is applied later, its message is sent then: check the job's status"
+        ) from None
     except TransitionConflictError as exc:
         raise _not_retryable(job.id, exc.actual) from exc
     except JobNotFoundError as exc:
         raise _not_found(exc) from exc
+    return await _send(app, enqueue, pending, wait=settings.store_timeout)
+
+
+async def _send_once_written(app: web.Application, enqueue: Enqueue, write: asyncio.Task[Job]) -> None:
+    """Follow a retry write the request stopped waiting for: send the message if it lands."""
     try:
-        await enqueue(pending)
+        pending = await write
+    except JobError as exc:
+        log.warning("a retry write that timed out was not applied: %s", exc)
+        return
+    log.info("retry of job %s in tenant %s applied after its request timed out", pending.id, pending.tenant_id)
+    with contextlib.suppress(_Reject):  # nobody waits for the answer; _send logged what happened
+        await _send(app, enqueue, pending, wait=None)
+
+
+async def _send(app: web.Application, enqueue: Enqueue, pending: Job, *, wait: float | None) -> web.Response:
+    """Send the message of a job put back to pending, within the queue timeout, or park the job again."""
+    seconds = app[SETTINGS].queue_timeout
+    try:
+        async with asyncio.timeout(seconds) as deadline:
+            await enqueue(pending)
     except Exception as exc:  # whatever the queue raised, the job must not stay pending without a message
-        reason = truncate_error(f"retry could not be enqueued: {exc or type(exc).__name__}")
-        log.warning("retry of job %s in tenant %s could not be enqueued: %r", job.id, job.tenant_id, exc)
-        try:
-            await store.transition(job.tenant_id, job.id, S.PENDING, S.DEAD_LETTERED, error=reason)
-        except JobError as park_exc:
-            log.error(
-                "job %s in tenant %s is pending without a message and could not be dead-lettered: %s",
-                job.id,
-                job.tenant_id,
-                park_exc,
-            )
-            raise _Reject(503, "enqueue_failed", f"{reason}; the job may remain pending") from exc
-        raise _Reject(503, "enqueue_failed", f"{reason}; the job is dead_lettered again") from exc
-    log.info("job %s in tenant %s put back to pending by the API", job.id, job.tenant_id)
+        detail = f"the queue did not answer within {seconds:g} s" if deadline.expired() else str(exc)
+        reason = truncate_error(f"retry could not be enqueued: {detail or type(exc).__name__}")
+        log.warning("retry of job %s in tenant %s could not be enqueued: %r", pending.id, pending.tenant_id, exc)
+        return await _park(app, pending, reason, wait=wait)
+    log.info("job %s in tenant %s put back to pending by the API", pending.id, pending.tenant_id)
     return _job_response(pending, status=202)
+
+
+async def _park(app: web.Application, pending: Job, reason: str, *, wait: float | None) -> web.Response:
+    """Dead-letter a pending job whose message may not have been sent, waiting at most wait for the store.
+
+    A send that timed out may have reached the queue all the same: its message then finds the
+    job dead-lettered and is skipped, or finds it already taken on by a worker, which this
+    write then leaves alone. Either way the job is never pending without a message.
+    """
+    park = _background(
+        app,
+        app[STORE].transition(pending.tenant_id, pending.id, S.PENDING, S.DEAD_LETTERED, error=reason),
+        f"parking of job {pending.id} in tenant {pending.tenant_id}",
+    )
+    try:
+        await _result_within(park, wait)
+    except TimeoutError:
+        _background(app, _report_park(pending, park), f"parking report of job {pending.id}")
+        raise _Reject(503, "enqueue_failed", f"{reason}; the job is being dead-lettered again") from None
+    except TransitionConflictError as exc:
+        log.info(
+            "job %s in tenant %s is %s: its message got through after all", pending.id, pending.tenant_id, exc.actual
+        )
+        return _job_response(pending, status=202)
+    except JobError as exc:
+        _log_unparked(pending, exc)
+        raise _Reject(503, "enqueue_failed", f"{reason}; the job may remain pending") from exc
+    raise _Reject(503, "enqueue_failed", f"{reason}; the job is dead_lettered again")
+
+
+async def _report_park(pending: Job, park: asyncio.Task[Job]) -> None:
+    """Log how a parking write the request stopped waiting for ended."""
+    try:
+        await park
+    except TransitionConflictError:
+        return
+    except JobError as exc:
+        _log_unparked(pending, exc)
+
+
+def _log_unparked(pending: Job, exc: JobError) -> None:
+    log.error(
+        "job %s in tenant %s is pending without a message and could not be dead-lettered: %s",
+        pending.id,
+        pending.tenant_id,
+        exc,
+    )
 
 
 @routes.get(f"{PREFIX}/overview")
@@ -302,7 +433,11 @@ async def _retry(store: JobStore, enqueue: Callable[[Job], Awaitable[None]], job
 async def overview(request: web.Request) -> web.Response:
     """Per-tenant counts and failure ratios, and the most recent failures, for the status page."""
     principal = _principal(request)
-    store = request.app[STORE]
+    # Many reads (two per failing tenant): the whole request is bounded, not only each read.
+    return await _within(request, _overview(request.app[STORE], principal))
+
+
+async def _overview(store: JobStore, principal: Principal) -> web.Response:
     visible = await _visible_stats(store, principal)
     names = sorted(visible)
     # Counters tell which tenants have failures at all, so only those are listed.

@@ -66,6 +66,7 @@ def create_app(
         timeout=settings.refresh_timeout,
         stuck_after=settings.stuck_after,
         depth_source=depth_source,
+        depth_timeout=settings.queue_timeout,
         queue_name=settings.queue_name,
         is_leader=leadership.is_leader,
     )

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -27,3 +28,5 @@ SPAN_METRICS: web.AppKey[SpanMetrics] = web.AppKey("span_metrics")
 SCRAPE: web.AppKey[ScrapeCache] = web.AppKey("scrape")
 # Sends the message for a job put back to pending by the retry API; set by whoever wires a queue.
 ENQUEUE: web.AppKey[Callable[[Job], Awaitable[None]]] = web.AppKey("enqueue")
+# Store writes and sends of the retry API that outlive the request that started them.
+API_TASKS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("api_tasks")

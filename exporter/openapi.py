@@ -231,7 +231,11 @@ def _responses() -> dict[str, Any]:
         },
         "Forbidden": _json(error, "The token may not read this tenant (code: forbidden)."),
         "NotFound": _json(error, "The tenant has no job with this id (code: not_found)."),
-        "StoreUnavailable": _json(error, "The job store cannot be reached (code: store_unavailable)."),
+        "StoreUnavailable": _json(
+            error,
+            "The job store cannot be reached (code: store_unavailable) or did not answer within the store "
+            "timeout (code: store_timeout); try again later.",
+        ),
     }
 
 
@@ -284,7 +288,10 @@ def _api_paths() -> dict[str, Any]:
                 "summary": "Put a failed or dead-lettered job back to pending and send its message again",
                 "description": (
                     "The job's retryCount is reset to 0 and its last error kept. If the message cannot be "
-                    "sent, the job is dead-lettered with the reason and the answer is 503 (enqueue_failed)."
+                    "sent within the queue timeout, the job is dead-lettered with the reason and the answer is "
+                    "503 (enqueue_failed). If the store does not confirm the change within the store timeout, "
+                    "the answer is 503 (store_timeout) and the change may still be applied: its message is "
+                    "then sent, so the job is never left pending without one."
                 ),
                 "tags": ["jobs"],
                 "parameters": [_param("TenantId")],
@@ -298,8 +305,9 @@ def _api_paths() -> dict[str, Any]:
                     **common,
                     "503": _json(
                         _ref("Error"),
-                        "The store cannot be reached (store_unavailable), no queue is configured "
-                        "(retry_unavailable), or the message could not be sent (enqueue_failed).",
+                        "The store cannot be reached (store_unavailable) or did not answer in time "
+                        "(store_timeout), no queue is configured (retry_unavailable), or the message could not "
+                        "be sent (enqueue_failed).",
                     ),
                 },
             },

@@ -1,8 +1,10 @@
-"""State metrics read from the store in the background and served from memory at scrape time.
+"""State metrics read in the background and served from memory at scrape time.
 
-A scrape never waits on the store: the refresher reads counters, stuck jobs and queue depth
-on an interval with a bounded timeout, and the collector serves the last good snapshot.
-Staleness shows in the last-success timestamp and the error counter.
+A scrape never waits on the store or the queue: the refresher reads counters and stuck jobs
+from the store, and the queue depth from the queue, each on the interval with its own bounded
+timeout, and the collector serves the last good reading of each. The two readings are apart
+so that one source failing never blanks or ages the other's gauges. Staleness shows in each
+reading's last-success timestamp and error counter.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from jobs.store import JobStore
 log = logging.getLogger(__name__)
 _STUCK_STATUSES = (JobStatus.PENDING.value, JobStatus.PROCESSING.value)
 _QUEUE_STATES = ("active", "scheduled", "dead_letter")
+_READ_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 # Returns {"active": n, "scheduled": n, "dead_letter": n} for the queue.
 DepthSource = Callable[[], Awaitable[Mapping[str, int]]]
@@ -35,15 +38,14 @@ DepthSource = Callable[[], Awaitable[Mapping[str, int]]]
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """What the last successful refresh read."""
+    """What the last successful read of the store returned."""
 
     jobs: Mapping[str, Mapping[JobStatus, int]] = field(default_factory=dict)
     stuck: Mapping[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
-    depth: Mapping[str, int] | None = None
 
 
 class StateCollector(Collector):
-    """Serves per-tenant status gauges, stuck-job gauges and queue depth from a snapshot."""
+    """Serves per-tenant status gauges and stuck-job gauges from a store snapshot, queue depth from its own."""
 
     def __init__(
         self,
@@ -55,6 +57,7 @@ class StateCollector(Collector):
         timeout: float = 10.0,
         stuck_after: float = 900.0,
         depth_source: DepthSource | None = None,
+        depth_timeout: float = 10.0,
         queue_name: str = "embedding-jobs",
         is_leader: Callable[[], bool] = lambda: True,
     ) -> None:
@@ -64,18 +67,20 @@ class StateCollector(Collector):
         self.timeout = timeout
         self.stuck_after = stuck_after
         self.depth_source = depth_source
+        self.depth_timeout = depth_timeout
         self.queue_name = queue_name
         self.snapshot = Snapshot()
+        # The last good queue-depth reading, None until one succeeds (then no depth gauge is served).
+        self.depth: Mapping[str, int] | None = None
         self._folded: tuple[Snapshot, _StateFamilies] | None = None
         self.refreshed = asyncio.Event()
+        self.depth_refreshed = asyncio.Event()
         # Only the state leader reads the store; the others export none of what a read produces.
         self.is_leader = is_leader
-        self._wake = asyncio.Event()
+        self._wake_store = asyncio.Event()
+        self._wake_depth = asyncio.Event()
         self._duration = Histogram(
-            m.REFRESH_DURATION,
-            "Time taken to read state metrics from the store.",
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
-            registry=None,
+            m.REFRESH_DURATION, "Time taken to read state metrics from the store.", buckets=_READ_BUCKETS, registry=None
         )
         self._errors = Counter(
             m.REFRESH_ERRORS, "Failed or timed-out reads of state metrics from the store.", registry=None
@@ -83,38 +88,72 @@ class StateCollector(Collector):
         self._last_success = Gauge(
             m.REFRESH_LAST_SUCCESS, "Unix time of the last successful read of state metrics.", registry=None
         )
-        # A follower's last-success time would age and fire the stale-state alert: leader only.
-        registry.register(_LeaderOnly(is_leader, (self._duration, self._errors, self._last_success)))
+        own: list[Counter | Gauge | Histogram] = [self._duration, self._errors, self._last_success]
+        # Labelled by queue so the alerts on them can name it; only made when there is a queue to read.
+        depth_duration = Histogram(
+            m.QUEUE_DEPTH_DURATION, m.QUEUE_DEPTH_DURATION_HELP, ["queue"], buckets=_READ_BUCKETS, registry=None
+        )
+        depth_errors = Counter(m.QUEUE_DEPTH_ERRORS, m.QUEUE_DEPTH_ERRORS_HELP, ["queue"], registry=None)
+        depth_last_success = Gauge(
+            m.QUEUE_DEPTH_LAST_SUCCESS, m.QUEUE_DEPTH_LAST_SUCCESS_HELP, ["queue"], registry=None
+        )
+        self._depth_duration = depth_duration.labels(queue_name)
+        self._depth_errors = depth_errors.labels(queue_name)
+        self._depth_last_success = depth_last_success.labels(queue_name)
+        if depth_source is not None:
+            own += [depth_duration, depth_errors, depth_last_success]
+        # A follower's last-success times would age and fire the stale alerts: leader only.
+        registry.register(_LeaderOnly(is_leader, own))
         Gauge(m.STATE_LEADER, m.STATE_LEADER_HELP, registry=registry).set_function(lambda: float(self.is_leader()))
         registry.register(self)
 
     async def run(self) -> None:
-        """Refresh on the interval while leader, at once when woken (cancel to stop)."""
+        """Read the store, and the queue depth, each on the interval while leader, at once when woken.
+
+        Two loops, so a store read that hangs until its timeout never delays a depth read, nor
+        the other way round. Cancel to stop.
+        """
+        async with asyncio.TaskGroup() as loops:
+            loops.create_task(self._every_interval(self.refresh, self._wake_store, self._forget_store))
+            if self.depth_source is not None:
+                loops.create_task(self._every_interval(self.refresh_depth, self._wake_depth, self._forget_depth))
+
+    async def _every_interval(
+        self, refresh: Callable[[], Awaitable[bool]], wake: asyncio.Event, forget: Callable[[], None]
+    ) -> None:
         while True:
-            self._wake.clear()
+            wake.clear()
             if self.is_leader():
-                await self.refresh()
+                await refresh()
             else:
                 # Regaining leadership must not serve what was read before the last term.
-                self.snapshot = Snapshot()
-                self.refreshed.clear()
+                forget()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.interval):
-                    await self._wake.wait()
+                    await wake.wait()
+
+    def _forget_store(self) -> None:
+        self.snapshot = Snapshot()
+        self.refreshed.clear()
+
+    def _forget_depth(self) -> None:
+        self.depth = None
+        self.depth_refreshed.clear()
 
     def wake(self) -> None:
         """Refresh now instead of at the end of the interval (on winning leadership)."""
-        self._wake.set()
+        self._wake_store.set()
+        self._wake_depth.set()
 
     async def refresh(self) -> bool:
-        """Read a new snapshot within the timeout; on failure keep the old one and count the error."""
+        """Read a new store snapshot within the timeout; on failure keep the old one and count the error."""
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout):
                 snapshot = await self._read()
         except Exception as exc:  # a failed read must never stop the refresher
             self._errors.inc()
-            log.warning("state refresh failed: %s", exc or "timed out")
+            log.warning("state refresh from the job store failed: %s", str(exc) or "timed out")
             return False
         finally:
             self._duration.observe(time.perf_counter() - started)
@@ -125,6 +164,29 @@ class StateCollector(Collector):
         self.refreshed.set()
         return True
 
+    async def refresh_depth(self) -> bool:
+        """Read the queue depth within its timeout; on failure keep serving the last reading and count the error.
+
+        A depth that cannot be read for long stays at its last value, as the store gauges do:
+        its age shows in the last-success timestamp, which the stale-depth alert watches.
+        """
+        if self.depth_source is None:
+            return False
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.depth_timeout):
+                depth = dict(await self.depth_source())
+        except Exception as exc:  # a failed read must never stop the refresher
+            self._depth_errors.inc()
+            log.warning("queue depth read of %s failed: %s", self.queue_name, str(exc) or "timed out")
+            return False
+        finally:
+            self._depth_duration.observe(time.perf_counter() - started)
+        self.depth = depth
+        self._depth_last_success.set(time.time())
+        self.depth_refreshed.set()
+        return True
+
     async def _read(self) -> Snapshot:
         jobs = await self.store.stats_all()
         now = datetime.now(UTC)
@@ -132,8 +194,7 @@ class StateCollector(Collector):
             (s.tenant_id, s.status.value): (s.count, (now - s.oldest_updated_at).total_seconds())
             for s in await self.store.stuck(timedelta(seconds=self.stuck_after))
         }
-        depth = dict(await self.depth_source()) if self.depth_source is not None else None
-        return Snapshot(jobs=jobs, stuck=stuck, depth=depth)
+        return Snapshot(jobs=jobs, stuck=stuck)
 
     def _families(self) -> _StateFamilies:
         """The current snapshot folded by tenant label: jobs, and stuck count with oldest age."""
@@ -164,7 +225,7 @@ class StateCollector(Collector):
             key = (label(tenant), status_name)
             previous = stuck.get(key, (0, 0.0))
             stuck[key] = (previous[0] + stuck_count, max(previous[1], age))
-        return _StateFamilies(jobs, dict(sorted(stuck.items())), snapshot.depth)
+        return _StateFamilies(jobs, dict(sorted(stuck.items())))
 
     def render(self, out: list[str], openmetrics: bool) -> None:
         """Append the state gauges to out in the text or OpenMetrics format (nothing on a follower)."""
@@ -181,11 +242,12 @@ class StateCollector(Collector):
         for (tenant, status_name), (_, age) in ex.paced(families.stuck.items()):
             fragment = ex.label_pairs(tenant=tenant, status=status_name)
             out.append(f"{m.JOBS_STUCK_OLDEST}{{{fragment}}} {ex.number(age)}\n")
-        if families.depth is not None:
+        depth = self.depth
+        if depth is not None:
             ex.header(out, m.QUEUE_MESSAGES, m.QUEUE_MESSAGES_HELP, "gauge", openmetrics)
             for state in _QUEUE_STATES:
                 fragment = ex.label_pairs(queue=self.queue_name, state=state)
-                out.append(f"{m.QUEUE_MESSAGES}{{{fragment}}} {ex.number(families.depth.get(state, 0))}\n")
+                out.append(f"{m.QUEUE_MESSAGES}{{{fragment}}} {ex.number(depth.get(state, 0))}\n")
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """The same gauges as standard metric families (for registry readers; slower than render)."""
@@ -203,18 +265,18 @@ class StateCollector(Collector):
             oldest.add_metric([tenant, status_name], age)
         yield stuck
         yield oldest
-        if families.depth is not None:
-            depth = GaugeMetricFamily(m.QUEUE_MESSAGES, m.QUEUE_MESSAGES_HELP, labels=["queue", "state"])
+        depth = self.depth
+        if depth is not None:
+            messages = GaugeMetricFamily(m.QUEUE_MESSAGES, m.QUEUE_MESSAGES_HELP, labels=["queue", "state"])
             for state in _QUEUE_STATES:
-                depth.add_metric([self.queue_name, state], families.depth.get(state, 0))
-            yield depth
+                messages.add_metric([self.queue_name, state], depth.get(state, 0))
+            yield messages
 
 
 @dataclass(frozen=True, slots=True)
 class _StateFamilies:
     jobs: Mapping[tuple[str, str], float]
     stuck: Mapping[tuple[str, str], tuple[float, float]]
-    depth: Mapping[str, int] | None
 
 
 class _LeaderOnly(Collector):

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from alerts.build import RuleParams, recording_rules
 from dashboards import build
 from exporter.spanmetrics import SpanMetrics
-from exporter.state import Snapshot, StateCollector
+from exporter.state import StateCollector
 from jobs.store import JobStore
 
 DASHBOARD_DIR = Path(build.__file__).parent
@@ -43,13 +43,17 @@ def metric_names(expr: str) -> set[str]:
     return names
 
 
+async def _no_depth() -> dict[str, int]:
+    raise AssertionError("the series list is built without reading the queue")
+
+
 def exporter_series() -> set[str]:
     """Every series name the exporter can serve, as Prometheus sees it (counters as _total, histograms bucketed)."""
     registry = CollectorRegistry()
     spans = SpanMetrics(registry)
-    state = StateCollector(cast(JobStore, object()), registry, limiter=spans.tenants)
+    state = StateCollector(cast(JobStore, object()), registry, limiter=spans.tenants, depth_source=_no_depth)
     # Queue depth is only served once a refresh has read it.
-    state.snapshot = Snapshot(depth={"active": 0})
+    state.depth = {"active": 0}
     names: set[str] = set()
     for family in registry.collect():
         if family.type == "counter":

@@ -321,8 +321,8 @@ def test_state_gauges_render_the_same_fast_and_slow() -> None:
     state.snapshot = Snapshot(
         jobs={t: dict.fromkeys(JobStatus, 2) for t in ("a", "b", "c")},
         stuck={("c", "pending"): (4, 99.5)},
-        depth={"active": 3, "scheduled": 1},
     )
+    state.depth = {"active": 3, "scheduled": 1}
     fast: list[str] = []
     state.render(fast, False)
     slow = generate_latest(exposition.Families([state])).decode()
