@@ -47,7 +47,7 @@ S = JobStatus
 JOBS = 500
 TENANTS = ("acme", "globex")
 # Kill points, as jobs finished (completed or dead-lettered): spread over the run, the last
-# with a fifth of the work still to do.
+# with about a quarter of the work still to do.
 KILL_AT = (60, 140, 220, 300, 380)
 MAX_ATTEMPTS = 3
 # Short locks so the messages a killed worker held come back within the drill.
