@@ -30,7 +30,7 @@ class TokenAuth:
     """Checks `Authorization: Bearer TOKEN` headers against configured tokens."""
 
     def __init__(self, tokens: Mapping[str, Principal]) -> None:
-        self._tokens = [(token.encode(), principal) for token, principal in tokens.items()]
+        self._tokens = [(_token_bytes(token), principal) for token, principal in tokens.items()]
 
     @property
     def enabled(self) -> bool:
@@ -66,7 +66,7 @@ class TokenAuth:
         scheme, _, presented = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not presented:
             return None
-        candidate = presented.strip().encode()
+        candidate = _token_bytes(presented.strip())
         found: Principal | None = None
         # Compare against every token so the time taken does not reveal which one matched.
         for token, principal in self._tokens:
@@ -80,6 +80,14 @@ def check_bearer(expected: str, authorization: str | None) -> bool:
     if not expected:
         return True
     scheme, _, presented = (authorization or "").partition(" ")
-    # aiohttp keeps header bytes that are not UTF-8 as surrogates; surrogateescape gives them back instead of raising.
-    candidate = presented.strip().encode("utf-8", "surrogateescape")
-    return scheme.lower() == "bearer" and hmac.compare_digest(candidate, expected.encode("utf-8", "surrogateescape"))
+    return scheme.lower() == "bearer" and hmac.compare_digest(_token_bytes(presented.strip()), _token_bytes(expected))
+
+
+def _token_bytes(token: str) -> bytes:
+    """A token as bytes for compare_digest, for any str at all.
+
+    aiohttp decodes header bytes that are not UTF-8 to lone surrogates (surrogateescape), as
+    os.environ does for settings; plain encode() raises on those, which made such a header a 500.
+    surrogatepass encodes every str, and distinct strs to distinct bytes.
+    """
+    return token.encode("utf-8", "surrogatepass")

@@ -62,6 +62,7 @@ from jobs.store import (
     MAX_PAGE_SIZE,
     UNSET,
     Page,
+    Position,
     StuckJobs,
     _Unset,
     decode_continuation,
@@ -486,7 +487,7 @@ class CosmosJobStore:
         if continuation is not None:
             position = decode_continuation(continuation, query)
             where.append("(c.createdAt < @afterCreated OR (c.createdAt = @afterCreated AND c.id < @afterId))")
-            params += _params(afterCreated=position.get("c"), afterId=position.get("i"))
+            params += _params(afterCreated=position.created_at, afterId=position.job_id)
         # Only fixed clauses are joined in; every value is a parameter.
         sql = f"SELECT TOP @top * FROM c WHERE {' AND '.join(where)} ORDER BY {order}"  # noqa: S608
         docs: builtins.list[dict[str, Any]] = []
@@ -496,7 +497,7 @@ class CosmosJobStore:
         token = None
         if len(docs) > limit:
             last = docs[limit - 1]
-            token = encode_continuation(query, {"c": last["createdAt"], "i": last["id"]})
+            token = encode_continuation(query, Position(last["createdAt"], last["id"]))
         return Page(items=items, continuation=token)
 
     async def stats(self, tenant_id: str) -> dict[JobStatus, int]:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
-from jobs.errors import StoreUnavailableError
+from jobs.errors import InvalidJobError, JobError, StoreUnavailableError
 
 T = TypeVar("T")
 BUSY_TIMEOUT_MS = 10_000
@@ -44,7 +44,11 @@ class SQLiteDatabase:
         return cls(path, conn, executor)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run fn(connection, *args) on its thread; sqlite errors become StoreUnavailableError."""
+        """Run fn(connection, *args) on its thread; SQLite's errors become typed job errors.
+
+        StoreUnavailableError when the database cannot serve now, InvalidJobError when a value
+        can never be stored (see _typed_error); the transaction is rolled back either way.
+        """
         conn = self._conn
         if conn is None:
             raise StoreUnavailableError(f"{self.path} is closed")
@@ -52,8 +56,8 @@ class SQLiteDatabase:
         def call() -> T:
             try:
                 return fn(conn, *args)
-            except sqlite3.OperationalError as exc:
-                raise StoreUnavailableError(f"sqlite: {exc}") from exc
+            except (sqlite3.Error, OverflowError, UnicodeEncodeError) as exc:
+                raise _typed_error(exc) from exc
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
@@ -63,6 +67,30 @@ class SQLiteDatabase:
         if conn is not None:
             await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
             self._executor.shutdown(wait=True)
+
+
+def _typed_error(exc: Exception) -> JobError:
+    """Which side of a failed call is at fault: the store (unavailable) or the value (invalid).
+
+    The difference decides what callers do. An unavailable store is retried: the API answers 503
+    and the worker's tracker buffers the write and replays it. A value the store can never hold
+    must not be retried, or a buffered write would block every later write of its job and the
+    replay forever; it is refused at once as InvalidJobError (the API answers 400).
+
+    - unavailable: OperationalError (locked or busy past the busy timeout, disk full or I/O
+      error, read-only or missing file), InternalError, and plain DatabaseError ("file is not
+      a database", corruption): conditions of the file or the machine, which an operator or
+      time can fix while the same call stays valid.
+    - invalid: OverflowError (an integer beyond SQLite's 64 bits), UnicodeEncodeError (a string
+      with an unpaired surrogate, which UTF-8 cannot carry), InterfaceError and
+      ProgrammingError (a value of a type SQLite cannot bind), DataError, and IntegrityError (a
+      constraint the value breaks): the same call would fail the same way every time.
+    """
+    if isinstance(exc, OverflowError | UnicodeEncodeError):
+        return InvalidJobError(f"a value cannot be stored: {exc}")
+    if isinstance(exc, sqlite3.InterfaceError | sqlite3.ProgrammingError | sqlite3.DataError | sqlite3.IntegrityError):
+        return InvalidJobError(f"sqlite refused a value: {exc}")
+    return StoreUnavailableError(f"sqlite: {exc}")
 
 
 def _connect(path: Path, schema: str) -> sqlite3.Connection:

@@ -33,6 +33,7 @@ from jobs.store import (
     MAX_PAGE_SIZE,
     UNSET,
     Page,
+    Position,
     StuckJobs,
     _Unset,
     decode_continuation,
@@ -317,7 +318,7 @@ class SQLiteJobStore:
         if continuation is not None:
             position = decode_continuation(continuation, query)
             where.append("(created_at < ? OR (created_at = ? AND id < ?))")
-            params += [position.get("c"), position.get("c"), position.get("i")]
+            params += [position.created_at, position.created_at, position.job_id]
         sql = (
             f"SELECT {_RECORD} AS record, created_at, id FROM jobs WHERE {' AND '.join(where)} "  # noqa: S608
             "ORDER BY created_at DESC, id DESC LIMIT ?"
@@ -330,7 +331,7 @@ class SQLiteJobStore:
             token = None
             if len(rows) > limit:
                 last = rows[limit - 1]
-                token = encode_continuation(query, {"c": last["created_at"], "i": last["id"]})
+                token = encode_continuation(query, Position(last["created_at"], last["id"]))
             return Page(items=items, continuation=token)
 
         return await self._run(read)

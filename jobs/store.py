@@ -5,13 +5,15 @@ from __future__ import annotations
 import base64
 import builtins
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final, Protocol
 
-from jobs.errors import InvalidContinuationError
-from jobs.model import Job, JobMetadata, JobStatus
+from jobs import strict_json
+from jobs.errors import InvalidContinuationError, InvalidJobError
+from jobs.model import Job, JobMetadata, JobStatus, parse_time, validate_id
 
 
 class _Unset:
@@ -53,25 +55,68 @@ def empty_stats() -> dict[JobStatus, int]:
     return dict.fromkeys(JobStatus, 0)
 
 
-def encode_continuation(query: Mapping[str, Any], position: Mapping[str, Any]) -> str:
+# A real token is a few hundred characters; anything far longer is refused before decoding.
+CONTINUATION_MAX_LENGTH = 2048
+# {"q": {...}, "p": {...}}: two levels, nothing deeper.
+_CONTINUATION_DEPTH = 2
+# The stores' time format exactly (format_time): what a token's createdAt must look like.
+_STORED_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a newest-first listing resumes: after the job with this createdAt and id."""
+
+    created_at: str
+    job_id: str
+
+
+def encode_continuation(query: Mapping[str, Any], position: Position) -> str:
     """An opaque token binding a resume position to the query it came from."""
-    raw = json.dumps({"q": query, "p": position}, separators=(",", ":"), sort_keys=True)
+    raw = json.dumps(
+        {"q": query, "p": {"c": position.created_at, "i": position.job_id}}, separators=(",", ":"), sort_keys=True
+    )
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
-def decode_continuation(token: str, query: Mapping[str, Any]) -> dict[str, Any]:
-    """The resume position in token; InvalidContinuationError if malformed or from another query."""
+def decode_continuation(token: str, query: Mapping[str, Any]) -> Position:
+    """The resume position in token; InvalidContinuationError if malformed or from another query.
+
+    Tokens are not signed: a token only moves the keyset position within the query it names,
+    and every store query is scoped by the caller's tenant and takes the position as
+    parameters, so a forged position can show nothing a first page would not. What a token may
+    hold is typed strictly instead, so no caller-made value reaches a store query unchecked.
+    """
+    if not isinstance(token, str) or len(token) > CONTINUATION_MAX_LENGTH:
+        raise InvalidContinuationError("malformed continuation token")
     try:
-        padded = token + "=" * (-len(token) % 4)
-        data = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        position = data["p"]
-        if not isinstance(position, dict):
-            raise TypeError("position is not an object")
-    except (ValueError, TypeError, KeyError) as exc:
+        raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
+        data = strict_json.loads(raw, max_depth=_CONTINUATION_DEPTH)
+    except (ValueError, TypeError) as exc:  # binascii.Error and JSONInputError are ValueErrors
         raise InvalidContinuationError("malformed continuation token") from exc
-    if data.get("q") != dict(query):
+    if not isinstance(data, dict) or set(data) != {"q", "p"}:
+        raise InvalidContinuationError("malformed continuation token")
+    if data["q"] != dict(query):
         raise InvalidContinuationError("continuation token belongs to a different query")
-    return position
+    position = data["p"]
+    if not isinstance(position, dict) or set(position) != {"c", "i"}:
+        raise InvalidContinuationError("malformed continuation token")
+    created_at, job_id = position["c"], position["i"]
+    if not isinstance(created_at, str) or not _STORED_TIME.fullmatch(created_at) or not _is_time(created_at):
+        raise InvalidContinuationError("malformed continuation token: its position is not a stored time")
+    try:
+        validate_id(job_id, "job id")
+    except InvalidJobError as exc:
+        raise InvalidContinuationError("malformed continuation token: its position is not a job id") from exc
+    return Position(created_at, job_id)
+
+
+def _is_time(text: str) -> bool:
+    try:
+        parse_time(text)
+    except InvalidJobError:
+        return False
+    return True
 
 
 class JobStore(Protocol):

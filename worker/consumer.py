@@ -20,7 +20,7 @@ from jobs.telemetry import JOB_SPAN, Outcome
 from worker.chunking import chunk_text
 from worker.embedders.base import Embedder
 from worker.errors import PermanentError, RetryableError
-from worker.messages import JobMessage, MalformedMessageError, parse_message, trace_carrier
+from worker.messages import MAX_ATTEMPT, JobMessage, MalformedMessageError, parse_message, trace_carrier
 from worker.queue import MessageLockLostError, Queue, QueueError, ReceivedMessage
 from worker.shards import ShardNotFoundError, ShardStore, ShardVectors
 from worker.tracing import extract_context, inject_context
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 REASON_MALFORMED = "MalformedMessage"
 REASON_PERMANENT = "PermanentFailure"
 REASON_MAX_ATTEMPTS = "MaxAttemptsExceeded"
+# Service Bus keeps at most 4096 characters of a dead-letter description; errors fit well within this.
+DESCRIPTION_MAX = 1024
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,9 +129,23 @@ class Consumer:
             await asyncio.gather(*pending, return_exceptions=True)
 
     async def handle(self, received: ReceivedMessage) -> Outcome:
-        """Process one message end to end and settle it; never raises except on cancellation."""
+        """Process one message end to end and settle it; never raises except on cancellation.
+
+        Whatever goes wrong is logged with its traceback and the message still settles: a
+        malformed one is dead-lettered at once, a failed attempt is retried or dead-lettered.
+        """
+        try:
+            return await self._handle(received)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the last line of defence: a bug here must not leave a message unsettled
+            log.exception("unexpected error handling message %s; abandoning it for redelivery", received.message_id)
+            await self._settle(self.queue.abandon(received), received)
+            self.processed[Outcome.FAILED] += 1
+            return Outcome.FAILED
+
+    async def _handle(self, received: ReceivedMessage) -> Outcome:
         context = extract_context(trace_carrier(received.application_properties))
-        queue_wait = max(0.0, (datetime.now(UTC) - received.enqueued_time).total_seconds())
         with self.tracer.start_as_current_span(
             JOB_SPAN,
             context=context,
@@ -141,7 +157,7 @@ class Consumer:
                 attr.MESSAGING_OPERATION_NAME: "process",
                 attr.MESSAGING_MESSAGE_ID: received.message_id,
                 attr.MESSAGING_DELIVERY_COUNT: received.delivery_count,
-                attr.QUEUE_WAIT: queue_wait,
+                attr.QUEUE_WAIT: _queue_wait(received),
             },
             record_exception=False,
             set_status_on_exception=False,
@@ -163,11 +179,14 @@ class Consumer:
 
     async def _process(self, received: ReceivedMessage, span: trace.Span) -> Outcome:
         try:
+            if received.body_error is not None:
+                raise MalformedMessageError(received.body_error)
             msg = parse_message(received.body)
         except MalformedMessageError as exc:
+            description = _description(str(exc))
             span.set_attributes({attr.ERROR_TYPE: REASON_MALFORMED, attr.DEAD_LETTER_REASON: REASON_MALFORMED})
-            log.warning("dead-lettering malformed message %s: %s", received.message_id, exc)
-            await self._settle(self.queue.dead_letter(received, REASON_MALFORMED, str(exc)), received)
+            log.warning("dead-lettering malformed message %s: %s", received.message_id, description)
+            await self._settle(self.queue.dead_letter(received, REASON_MALFORMED, description), received)
             return Outcome.DEAD_LETTERED
 
         span.set_attributes(
@@ -182,6 +201,17 @@ class Consumer:
             }
         )
         extra = {"tenant_id": msg.tenant_id, "job_id": msg.job_id, "attempt": msg.attempt}
+        try:
+            return await self._attempt(received, msg, span, extra)
+        except Exception as exc:  # an unforeseen error (a bug, a store refusing a value) is a failed attempt
+            log.error("unexpected error in the attempt: %r", exc, exc_info=True, extra=extra)
+            span.record_exception(exc)
+            span.set_attribute(attr.ERROR_TYPE, type(exc).__name__)
+            return await self._fail(received, msg, exc, extra)
+
+    async def _attempt(
+        self, received: ReceivedMessage, msg: JobMessage, span: trace.Span, extra: dict[str, object]
+    ) -> Outcome:
         trace_id = format(span.get_span_context().trace_id, "032x")
         started = time.perf_counter()
         with self.tracer.start_as_current_span("embedding.store.begin"):
@@ -250,11 +280,11 @@ class Consumer:
         error = f"{type(exc).__name__}: {exc}"
         next_attempt = msg.attempt + 1
         permanent = isinstance(exc, PermanentError)
-        if not permanent and next_attempt < self.config.max_attempts:
+        if not permanent and next_attempt < self.config.max_attempts and next_attempt <= MAX_ATTEMPT:
             delay = backoff_delay(next_attempt, self.config.backoff_base, self.config.backoff_max, self._rng)
             if isinstance(exc, RetryableError) and exc.retry_after:
                 delay = max(delay, min(exc.retry_after, self.config.backoff_max))
-            await asyncio.shield(self.tracker.finish(msg, JobStatus.FAILED, error=error, retry_count=next_attempt))
+            await self._record(msg, JobStatus.FAILED, error=error, retry_count=next_attempt)
             retry = msg.retry()
             carrier: dict[str, str] = {}
             inject_context(carrier)
@@ -267,8 +297,8 @@ class Consumer:
                     application_properties=carrier,
                     scheduled_enqueue_time=datetime.now(UTC) + timedelta(seconds=delay),
                 )
-            except QueueError as send_exc:
-                log.warning("could not schedule retry (%s); abandoning for redelivery", send_exc, extra=extra)
+            except Exception as send_exc:  # whatever the queue raised, the message goes back for redelivery
+                log.warning("could not schedule retry (%r); abandoning for redelivery", send_exc, extra=extra)
                 await self._settle(self.queue.abandon(received), received)
                 return Outcome.FAILED
             await self._settle(self.queue.complete(received), received)
@@ -277,10 +307,28 @@ class Consumer:
 
         reason = REASON_PERMANENT if permanent else REASON_MAX_ATTEMPTS
         trace.get_current_span().set_attribute(attr.DEAD_LETTER_REASON, reason)
-        await asyncio.shield(self.tracker.finish(msg, JobStatus.DEAD_LETTERED, error=error, retry_count=msg.attempt))
-        await self._settle(self.queue.dead_letter(received, reason, error[:1024]), received)
+        await self._record(msg, JobStatus.DEAD_LETTERED, error=error, retry_count=msg.attempt)
+        await self._settle(self.queue.dead_letter(received, reason, _description(error)), received)
         log.error("job dead-lettered (%s): %s", reason, error, extra=extra)
         return Outcome.DEAD_LETTERED
+
+    async def _record(self, msg: JobMessage, status: JobStatus, *, error: str, retry_count: int) -> None:
+        """Record a failed attempt's status; an error here is logged, never raised.
+
+        The tracker buffers what the store cannot take now; anything else it raises must not stop
+        the message from settling. A job left in processing this way is picked up again by its
+        retry (processing -> processing is legal) or by the dead-letter reconciler.
+        """
+        try:
+            # Shielded: a shutdown must not lose the record of the attempt.
+            await asyncio.shield(self.tracker.finish(msg, status, error=error, retry_count=retry_count))
+        except Exception:
+            log.exception(
+                "could not record %s for job %s",
+                status.value,
+                msg.job_id,
+                extra={"tenant_id": msg.tenant_id, "job_id": msg.job_id},
+            )
 
     async def _settle(self, settlement: Awaitable[None], received: ReceivedMessage) -> None:
         try:
@@ -290,6 +338,8 @@ class Consumer:
             log.warning("lock lost before settling message %s; it will be redelivered", received.message_id)
         except QueueError as exc:
             log.error("settling message %s failed: %s", received.message_id, exc)
+        except Exception:  # an unsettled message is redelivered when its lock expires; the worker goes on
+            log.exception("settling message %s failed unexpectedly", received.message_id)
 
     async def _renew_lock(self, received: ReceivedMessage) -> None:
         locked_until = received.locked_until
@@ -303,6 +353,22 @@ class Consumer:
                 return
             except QueueError as exc:
                 log.warning("renewing lock on message %s failed: %s", received.message_id, exc)
+            except Exception:  # keep renewing: losing the lock mid-job would only cause a duplicate
+                log.exception("renewing lock on message %s failed unexpectedly", received.message_id)
+
+
+def _queue_wait(received: ReceivedMessage) -> float:
+    """Seconds between enqueue and now; 0 when the queue's clock is ahead or its timestamp unusable."""
+    try:
+        return max(0.0, (datetime.now(UTC) - received.enqueued_time).total_seconds())
+    except (TypeError, ValueError, OverflowError):
+        return 0.0
+
+
+def _description(text: str) -> str:
+    """A dead-letter description every queue can store: bounded, and encodable as UTF-8."""
+    bounded = text if len(text) <= DESCRIPTION_MAX else text[: DESCRIPTION_MAX - 1] + "…"
+    return bounded.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 async def _first(acquire: Awaitable[bool], stop: asyncio.Event) -> bool:

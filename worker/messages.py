@@ -7,10 +7,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from jobs import strict_json
 from jobs.errors import JobError
 from jobs.model import validate_id, validate_tenant_id
 
 MAX_BODY_BYTES = 64 * 1024
+# A job message is one flat object; a little room is left for nested fields added later.
+MAX_DEPTH = 8
+# Far above any sane max_attempts, far below what a store's integer can hold: a larger attempt
+# number is a forged or corrupted message, not a job to retry.
+MAX_ATTEMPT = 10_000
+_FIELDS = ("jobId", "tenantId", "shardId", "shardTypeId")
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 
@@ -53,21 +60,30 @@ class JobMessage:
 
 
 def parse_message(body: bytes) -> JobMessage:
-    """Validate a message body; MalformedMessageError says precisely what is wrong."""
+    """Validate a message body; MalformedMessageError says precisely what is wrong.
+
+    Total: any body at all either parses or raises MalformedMessageError, never anything else.
+    """
+    if not isinstance(body, bytes | bytearray | memoryview):
+        raise MalformedMessageError(f"body must be bytes, not {type(body).__name__}")
     if len(body) > MAX_BODY_BYTES:
         raise MalformedMessageError(f"body is {len(body)} bytes; at most {MAX_BODY_BYTES} allowed")
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = strict_json.loads(body, max_depth=MAX_DEPTH)
+    except strict_json.JSONInputError as exc:
         raise MalformedMessageError(f"body is not JSON: {exc}") from exc
     if not isinstance(data, dict):
-        raise MalformedMessageError(f"body must be a JSON object, not {type(data).__name__}")
-    missing = [key for key in ("jobId", "tenantId", "shardId", "shardTypeId") if key not in data]
+        raise MalformedMessageError(f"body must be a JSON object, not {_json_type(data)}")
+    missing = [key for key in _FIELDS if key not in data]
     if missing:
         raise MalformedMessageError(f"missing field(s): {', '.join(missing)}")
+    wrong = [f"{key} is {_json_type(data[key])}" for key in _FIELDS if not isinstance(data[key], str)]
+    if wrong:
+        raise MalformedMessageError(f"ids must be strings: {', '.join(wrong)}")
     attempt = data.get("attempt", 0)
-    if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 0:
-        raise MalformedMessageError("attempt must be a non-negative integer")
+    if not isinstance(attempt, int) or isinstance(attempt, bool) or not 0 <= attempt <= MAX_ATTEMPT:
+        shown = attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else _json_type(attempt)
+        raise MalformedMessageError(f"attempt must be an integer from 0 to {MAX_ATTEMPT}; got {shown}")
     try:
         return JobMessage(
             job_id=validate_id(data["jobId"], "jobId"),
@@ -78,6 +94,19 @@ def parse_message(body: bytes) -> JobMessage:
         )
     except JobError as exc:
         raise MalformedMessageError(str(exc)) from exc
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of a parsed value's type, for error messages that never echo the value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
 
 
 def trace_carrier(properties: Mapping[str, Any]) -> dict[str, str]:

@@ -33,6 +33,9 @@ class ReceivedMessage:
     enqueued_time: datetime
     sequence_number: int
     application_properties: Mapping[str, str] = field(default_factory=dict)
+    # Set, with body empty, when the adapter could not read the body as bytes (an AMQP value
+    # or sequence section that is not text): the consumer dead-letters the message as malformed.
+    body_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from azure.core.exceptions import AzureError
 from azure.servicebus import ServiceBusMessage, ServiceBusReceivedMessage, ServiceBusSubQueue
 from azure.servicebus.aio import ServiceBusClient, ServiceBusReceiver, ServiceBusSender
 from azure.servicebus.aio.management import ServiceBusAdministrationClient
+from azure.servicebus.amqp import AmqpMessageBodyType
 from azure.servicebus.exceptions import MessageLockLostError as SdkLockLostError
 from azure.servicebus.exceptions import ServiceBusError
 
@@ -43,11 +44,22 @@ def _properties(message: ServiceBusReceivedMessage) -> dict[str, str]:
     return {_text(k): _text(v) for k, v in (message.application_properties or {}).items()}
 
 
-def _body(message: ServiceBusReceivedMessage) -> bytes:
-    body = message.body
-    if isinstance(body, bytes | bytearray):
-        return bytes(body)
-    return b"".join(bytes(part) for part in body)
+def _body(message: ServiceBusReceivedMessage) -> tuple[bytes, str | None]:
+    """The body's bytes, or b"" and why there are none: a message is not always a data section."""
+    body_type = message.body_type
+    try:
+        body = message.body
+        if body_type == AmqpMessageBodyType.DATA:
+            if isinstance(body, bytes | bytearray):
+                return bytes(body), None
+            return b"".join(bytes(part) for part in body), None
+        # Some producers (JMS, AMQP libraries) put a text body in a value section: take it as its text.
+        if body_type == AmqpMessageBodyType.VALUE and isinstance(body, bytes | bytearray | str):
+            return (body.encode() if isinstance(body, str) else bytes(body)), None
+    except (TypeError, ValueError) as exc:
+        return b"", f"the body cannot be read as bytes: {exc}"
+    held = "a sequence" if body_type == AmqpMessageBodyType.SEQUENCE else f"a {type(body).__name__} value"
+    return b"", f"the body is {held}, not data or text"
 
 
 def _checked_endpoint(endpoint: str) -> str:
@@ -205,10 +217,11 @@ class ServiceBusQueue:
         for message in messages:
             token = str(message.lock_token)
             self._locked[token] = message
+            body, body_error = _body(message)
             out.append(
                 ReceivedMessage(
                     message_id=_text(message.message_id or ""),
-                    body=_body(message),
+                    body=body,
                     lock_token=token,
                     locked_until=message.locked_until_utc or datetime.now(UTC),
                     # The SDK reports prior deliveries (0 at first); the protocol counts this one too.
@@ -216,6 +229,7 @@ class ServiceBusQueue:
                     enqueued_time=message.enqueued_time_utc or datetime.now(UTC),
                     sequence_number=message.sequence_number or 0,
                     application_properties=_properties(message),
+                    body_error=body_error,
                 )
             )
         return out
@@ -277,7 +291,7 @@ class ServiceBusQueue:
             out.append(
                 DeadLetteredMessage(
                     message_id=_text(message.message_id or ""),
-                    body=_body(message),
+                    body=_body(message)[0],
                     reason=_text(message.dead_letter_reason or properties.get(DEAD_LETTER_REASON, "")),
                     description=_text(
                         message.dead_letter_error_description or properties.get(DEAD_LETTER_DESCRIPTION, "")
