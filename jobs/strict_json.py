@@ -21,6 +21,7 @@ INT64_MAX = 2**63 - 1
 _STRING_OR_BRACKET = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 _ECHO = 24
+_BOM = b"\xef\xbb\xbf"
 
 
 class JSONInputError(ValueError):
@@ -28,15 +29,18 @@ class JSONInputError(ValueError):
 
 
 def loads(data: bytes | str, *, max_depth: int) -> Any:
-    """Parse data (UTF-8 if bytes) as JSON nested at most max_depth arrays and objects deep.
+    """Parse data (UTF-8 if bytes, a leading BOM ignored) as JSON nested at most max_depth levels deep.
 
     JSONInputError for anything else; never RecursionError, whatever the input.
     """
     if isinstance(data, bytes | bytearray | memoryview):
+        raw = bytes(data)
+        # RFC 8259 lets a parser ignore a leading byte-order mark; some editors and producers write one.
+        start = len(_BOM) if raw.startswith(_BOM) else 0
         try:
-            text = bytes(data).decode("utf-8")
+            text = raw[start:].decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise JSONInputError(f"invalid UTF-8 at byte {exc.start}") from None
+            raise JSONInputError(f"invalid UTF-8 at byte {start + exc.start}") from None
     else:
         text = data
     deepest = _too_deep_at(text, max_depth)

@@ -15,7 +15,6 @@ from worker.shards import Shard
 TEXT_SUFFIXES = frozenset({".txt", ".md", ".rst", ".text"})
 # A record is one flat object; some room is left for nested fields a producer adds.
 MAX_DEPTH = 16
-_BOM = b"\xef\xbb\xbf"
 _JSON_TYPES = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object", type(None): "null"}
 
 
@@ -51,8 +50,6 @@ def read_shards(source: str, default_tenant: str = "default") -> Iterator[Shard 
 
 def _read_jsonl(lines: Iterable[bytes], name: str) -> Iterator[Shard | Rejected]:
     for number, line in enumerate(lines, start=1):
-        if number == 1 and line.startswith(_BOM):
-            line = line[len(_BOM) :]
         if not line.strip():
             continue
         where = f"{name}:{number}"
