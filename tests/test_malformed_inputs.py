@@ -43,7 +43,7 @@ from jobs.store import JobStore, Position, encode_continuation
 from jobs.telemetry import Outcome
 from tests.pipeline import QUEUE_KINDS, Pipeline, pipeline
 from tests.test_cli import run_cli
-from tests.test_metrics import job_span_request, sample
+from tests.test_metrics import job_span_request, receiver_of, sample
 from worker.consumer import REASON_MALFORMED
 from worker.local_queue import LocalQueue
 from worker.messages import MAX_ATTEMPT, MAX_BODY_BYTES, JobMessage
@@ -413,7 +413,10 @@ async def test_every_malformed_continuation_token_is_refused_by_both_stores(stor
 
 TOKEN = "tenant-a-token-123456"
 METRICS_TOKEN = "metrics-token-1234567"
-SECURED = Settings(api_tokens=f"{TOKEN}=tenant-a", metrics_token=METRICS_TOKEN, metrics_cache_ttl=0)
+OTLP_TOKEN = "otlp-token-12345678"
+SECURED = Settings(
+    api_tokens=f"{TOKEN}=tenant-a", metrics_token=METRICS_TOKEN, otlp_token=OTLP_TOKEN, metrics_cache_ttl=0
+)
 
 
 @pytest.fixture
@@ -425,16 +428,30 @@ async def job_store(tmp_path: Path) -> AsyncIterator[SQLiteJobStore]:
         await store.close()
 
 
+@dataclass(frozen=True)
+class Exporter:
+    """Clients of the exporter's two listeners: the API and /metrics, and the OTLP receiver."""
+
+    api: Client
+    otlp: Client
+
+
 @pytest.fixture
-async def api(aiohttp_client: AiohttpClient, job_store: SQLiteJobStore, tmp_path: Path) -> AsyncIterator[Client]:
-    """The real app on a socket over SQLite, with tokens on the API and /metrics and a real queue for retries."""
+async def exporter(aiohttp_client: AiohttpClient, job_store: SQLiteJobStore, tmp_path: Path) -> AsyncIterator[Exporter]:
+    """The real apps on sockets over SQLite, with tokens on the API, /metrics and OTLP, a real queue for retries."""
     async with LocalQueue(tmp_path / "queue.db") as queue:
 
         async def enqueue(job: Job) -> None:
             msg = JobMessage(job.id, job.tenant_id, job.shard_id, job.shard_type_id)
             await queue.send(msg.to_body(), message_id=f"{msg.message_id}.{uuid.uuid4().hex}")
 
-        yield await aiohttp_client(create_app(SECURED, job_store, enqueue=enqueue))
+        app = create_app(SECURED, job_store, enqueue=enqueue)
+        yield Exporter(await aiohttp_client(app), await receiver_of(aiohttp_client, app))
+
+
+@pytest.fixture
+def api(exporter: Exporter) -> Client:
+    return exporter.api
 
 
 @pytest.mark.parametrize(("name", "bad"), CONTINUATION_CASES, ids=[c[0] for c in CONTINUATION_CASES])
@@ -512,19 +529,19 @@ AUTH_TARGETS = [
 
 
 @pytest.mark.parametrize(("name", "value", "status"), AUTH_CASES, ids=[c[0] for c in AUTH_CASES])
-async def test_a_bad_authorization_header_is_a_401(api: Client, name: str, value: bytes, status: int) -> None:
+async def test_a_bad_authorization_header_is_a_401(exporter: Exporter, name: str, value: bytes, status: int) -> None:
+    auth = [(b"Authorization", value)]
     statuses = {
-        target.decode(): (await raw_request(api, b"GET", target, [(b"Authorization", value)])).status
-        for target in AUTH_TARGETS
+        target.decode(): (await raw_request(exporter.api, b"GET", target, auth)).status for target in AUTH_TARGETS
     }
-    statuses["retry"] = (
-        await raw_request(
-            api, b"POST", b"/api/v1/embedding-jobs/job-1/retry?tenantId=tenant-a", [(b"Authorization", value)]
-        )
-    ).status
+    retry = b"/api/v1/embedding-jobs/job-1/retry?tenantId=tenant-a"
+    statuses["retry"] = (await raw_request(exporter.api, b"POST", retry, auth)).status
+    spans = job_span_request("acme", "completed").SerializeToString()
+    otlp = await raw_request(exporter.otlp, b"POST", b"/v1/traces", [*auth, (b"Content-Type", PB.encode())], spans)
+    statuses["/v1/traces"] = otlp.status
     assert statuses == dict.fromkeys(statuses, status)
     # The good tokens still get in.
-    ok = await raw_request(api, b"GET", b"/metrics", [(b"Authorization", f"Bearer {METRICS_TOKEN}".encode())])
+    ok = await raw_request(exporter.api, b"GET", b"/metrics", [(b"Authorization", f"Bearer {METRICS_TOKEN}".encode())])
     assert ok.status == 200
 
 
@@ -618,25 +635,22 @@ OTLP_CASES: list[tuple[str, bytes, str, str | None]] = [
 ]
 
 
-@pytest.fixture
-async def otlp(aiohttp_client: AiohttpClient, job_store: SQLiteJobStore) -> Client:
-    return await aiohttp_client(create_app(Settings(metrics_cache_ttl=0), job_store))
-
-
 @pytest.mark.parametrize(("name", "body", "content_type", "encoding"), OTLP_CASES, ids=[c[0] for c in OTLP_CASES])
 async def test_a_malformed_otlp_body_is_a_4xx_and_the_exporter_keeps_serving(
-    otlp: Client, name: str, body: bytes, content_type: str, encoding: str | None
+    exporter: Exporter, name: str, body: bytes, content_type: str, encoding: str | None
 ) -> None:
-    headers = [(b"Content-Type", content_type.encode())]
+    headers = [(b"Authorization", f"Bearer {OTLP_TOKEN}".encode()), (b"Content-Type", content_type.encode())]
     if encoding:
         headers.append((b"Content-Encoding", encoding.encode()))
-    response = await raw_request(otlp, b"POST", b"/v1/traces", headers, body)
+    response = await raw_request(exporter.otlp, b"POST", b"/v1/traces", headers, body)
     assert 400 <= response.status < 500, (response.status, response.body[:300])
-    good = await otlp.post(
-        "/v1/traces", data=job_span_request("acme", "completed").SerializeToString(), headers={"Content-Type": PB}
+    good = await exporter.otlp.post(
+        "/v1/traces",
+        data=job_span_request("acme", "completed").SerializeToString(),
+        headers={"Content-Type": PB, "Authorization": f"Bearer {OTLP_TOKEN}"},
     )
     assert good.status == 200
-    metrics = await otlp.get("/metrics")
+    metrics = await exporter.api.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
     assert metrics.status == 200
     assert sample(await metrics.text(), "embedding_job_attempts_total", {"tenant": "acme", "outcome": "completed"}) == 1
 
