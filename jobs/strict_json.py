@@ -65,6 +65,19 @@ def loads(data: bytes | str, *, max_depth: int) -> Any:
     return value
 
 
+def type_name(value: object) -> str:
+    """The JSON name of a parsed value's type, with its article, for messages that never echo the value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
 def _too_deep_at(text: str, max_depth: int) -> int | None:
     """The offset of the first bracket past max_depth, or None (cheap when brackets are few)."""
     if text.count("[") + text.count("{") <= max_depth:

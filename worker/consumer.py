@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 REASON_MALFORMED = "MalformedMessage"
 REASON_PERMANENT = "PermanentFailure"
 REASON_MAX_ATTEMPTS = "MaxAttemptsExceeded"
-# Service Bus keeps at most 4096 characters of a dead-letter description; errors fit well within this.
+# Dead-letter descriptions are for people reading the dead-letter queue; a bound keeps every queue able to store one.
 DESCRIPTION_MAX = 1024
 
 

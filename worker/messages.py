@@ -73,16 +73,18 @@ def parse_message(body: bytes) -> JobMessage:
     except strict_json.JSONInputError as exc:
         raise MalformedMessageError(f"body is not JSON: {exc}") from exc
     if not isinstance(data, dict):
-        raise MalformedMessageError(f"body must be a JSON object, not {_json_type(data)}")
+        raise MalformedMessageError(f"body must be a JSON object, not {strict_json.type_name(data)}")
     missing = [key for key in _FIELDS if key not in data]
     if missing:
         raise MalformedMessageError(f"missing field(s): {', '.join(missing)}")
-    wrong = [f"{key} is {_json_type(data[key])}" for key in _FIELDS if not isinstance(data[key], str)]
+    wrong = [f"{key} is {strict_json.type_name(data[key])}" for key in _FIELDS if not isinstance(data[key], str)]
     if wrong:
         raise MalformedMessageError(f"ids must be strings: {', '.join(wrong)}")
     attempt = data.get("attempt", 0)
     if not isinstance(attempt, int) or isinstance(attempt, bool) or not 0 <= attempt <= MAX_ATTEMPT:
-        shown = attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else _json_type(attempt)
+        shown = (
+            attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else strict_json.type_name(attempt)
+        )
         raise MalformedMessageError(f"attempt must be an integer from 0 to {MAX_ATTEMPT}; got {shown}")
     try:
         return JobMessage(
@@ -94,19 +96,6 @@ def parse_message(body: bytes) -> JobMessage:
         )
     except JobError as exc:
         raise MalformedMessageError(str(exc)) from exc
-
-
-def _json_type(value: object) -> str:
-    """The JSON name of a parsed value's type, for error messages that never echo the value."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    return "an array" if isinstance(value, list) else "an object"
 
 
 def trace_carrier(properties: Mapping[str, Any]) -> dict[str, str]:

@@ -15,7 +15,6 @@ from worker.shards import Shard
 TEXT_SUFFIXES = frozenset({".txt", ".md", ".rst", ".text"})
 # A record is one flat object; some room is left for nested fields a producer adds.
 MAX_DEPTH = 16
-_JSON_TYPES = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object", type(None): "null"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +73,7 @@ def _record(line: bytes) -> Shard:
     # Strings only: str() would turn a tenantId of 123 or true into the tenants "123" and "True".
     for key in ("tenantId", "shardId", "shardTypeId", "text"):
         if not isinstance(data.get(key), str):
-            got = "missing" if key not in data else f"a {_JSON_TYPES.get(type(data[key]), 'value')}"
+            got = "missing" if key not in data else strict_json.type_name(data[key])
             raise _RejectedLine(f"field {key!r} must be a string; it is {got}")
     try:
         return Shard(
