@@ -37,7 +37,9 @@ from exporter import metrics as m
 from exporter.auth import check_bearer
 from exporter.keys import REGISTRY, SETTINGS, SPAN_METRICS
 from exporter.spanmetrics import JobSpan
+from jobs import strict_json
 from jobs import telemetry as attr
+from jobs.strict_json import type_name
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,9 @@ PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
 # Upper bound of a (decompressed) export request; the SDK exports batches far below this.
 MAX_BODY_BYTES = 32 * 1024 * 1024
+# JSON nesting of a JSON export request: about two levels per message level, and protobuf's own
+# parser stops at 100 message levels.
+JSON_MAX_DEPTH = 200
 FORWARD_TIMEOUT = 10.0
 # Protobuf SpanKind is the SDK's SpanKind shifted by one (0 is UNSPECIFIED).
 _CONSUMER = SpanKind.CONSUMER.value + 1
@@ -132,10 +137,15 @@ async def receive_traces(request: web.Request) -> web.Response:
         if content_type == PROTOBUF:
             export.ParseFromString(body)
         else:
-            json_format.Parse(body, export, ignore_unknown_fields=True)
+            # Parsed strictly first: json_format.Parse would take a string or an array as an empty
+            # request, and leaves nesting to Python's recursion limit.
+            data = strict_json.loads(body, max_depth=JSON_MAX_DEPTH)
+            if not isinstance(data, dict):
+                raise _BadRequestError(400, f"an ExportTraceServiceRequest is a JSON object, not {type_name(data)}")
+            json_format.ParseDict(data, export, ignore_unknown_fields=True)
     except _BadRequestError as exc:
         return _error(exc.status, str(exc), content_type)
-    except (DecodeError, json_format.ParseError, UnicodeDecodeError) as exc:
+    except (DecodeError, json_format.ParseError, strict_json.JSONInputError) as exc:
         return _error(400, f"malformed {content_type} ExportTraceServiceRequest: {exc}", content_type)
     request.app[SPAN_METRICS].record_batch(job_spans(export), "otlp")
     forwarder = request.app.get(FORWARDER)

@@ -613,6 +613,8 @@ OTLP_CASES: list[tuple[str, bytes, str, str | None]] = [
     ("json-wrong-type-list", b'{"resourceSpans":{"a":1}}', JS, None),
     ("json-wrong-type-kind", json_job_span('"not a list"'), JS, None),
     ("json-top-level-array", b"[1, 2]", JS, None),
+    ("json-top-level-empty-array", b"[]", JS, None),
+    ("json-top-level-string", b'"AAA"', JS, None),
     ("json-top-level-null", b"null", JS, None),
     ("json-invalid-utf8", b'{"resourceSpans":"\xff"}', JS, None),
     ("json-utf16", '{"resourceSpans":[]}'.encode("utf-16"), JS, None),
