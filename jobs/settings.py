@@ -225,6 +225,9 @@ class Settings:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        # A queue message carries its attempt number, bounded to this as well (worker/messages.py).
+        if self.max_attempts > 10_000:
+            raise ValueError("max_attempts must be at most 10000")
         if self.chunk_overlap_tokens >= self.chunk_max_tokens or self.chunk_overlap_tokens < 0:
             raise ValueError("chunk_overlap_tokens must be between 0 and chunk_max_tokens - 1")
         if self.drain_timeout < 0 or self.retention_hours < 0 or self.reconcile_interval < 0:
