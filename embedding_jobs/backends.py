@@ -17,6 +17,8 @@ from worker.embedders import Embedder, create_embedder
 from worker.local_queue import LocalQueue
 from worker.queue import Queue
 from worker.shards import ShardStore, SQLiteShardStore
+from worker.spool import SPOOL_DIR, Spool
+from worker.tracker import JobTracker
 
 if TYPE_CHECKING:
     from azure.cosmos.aio import CosmosClient
@@ -161,6 +163,19 @@ def consumer_config(settings: Settings) -> ConsumerConfig:
         drain_timeout=settings.drain_timeout,
         messaging_system="servicebus" if settings.queue == "servicebus" else "sqlite",
     )
+
+
+def build_tracker(settings: Settings, store: JobStore) -> JobTracker:
+    """The worker's job tracker: store calls bounded by store_timeout, buffered writes spooled under data_dir.
+
+    Opening the spool adopts the writes left by workers that died on the same data directory.
+    """
+    directory = settings.data_dir / SPOOL_DIR
+    try:
+        spool = Spool.open(directory)
+    except OSError as exc:
+        raise ValueError(f"cannot keep the tracking spool in {directory} (--data-dir): {exc}") from exc
+    return JobTracker(store, buffer_size=settings.tracking_buffer, timeout=settings.store_timeout, spool=spool)
 
 
 @asynccontextmanager

@@ -23,6 +23,7 @@ from embedding_jobs.backends import (
     Backends,
     BackendUnavailableError,
     build_embedder,
+    build_tracker,
     consumer_config,
     open_backends,
     open_job_store,
@@ -44,7 +45,6 @@ from worker.queue import QueueError
 from worker.reconciler import reconcile_dead_letters, reconcile_forever
 from worker.sources import Rejected, read_shards
 from worker.tracing import create_tracer_provider, get_tracer
-from worker.tracker import JobTracker
 
 log = logging.getLogger("embedding_jobs")
 SAMPLE = "sample/shards.jsonl"
@@ -289,13 +289,14 @@ async def _work(
     watch: bool = False,
     on_idle: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
+    # First: it adopts the spooled writes of workers that died here, and may refuse the data dir.
+    tracker = build_tracker(settings, backends.store)
     provider = create_tracer_provider("embedding-jobs-worker", settings.otlp_endpoint, processors, settings.otlp_token)
     embedder = build_embedder(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    tracker = JobTracker(backends.store, buffer_size=settings.tracking_buffer)
     consumer = Consumer(
         queue=backends.queue,
         tracker=tracker,

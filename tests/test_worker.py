@@ -224,7 +224,8 @@ async def test_store_outage_never_blocks_embedding_and_records_converge(tmp_path
             assert await p.shards.get_vectors("tenant-a", f"shard-{n}") is not None
         assert (await p.depth()).active == 0
         assert p.tracker.buffered == 10
-        assert p.tracker.store_failures >= 5
+        # Once the store is known to be down, writes join the buffer without trying it each.
+        assert p.tracker.store_failures >= 1
         assert await p.store.stats("tenant-a") == {**empty_stats(), S.PENDING: 5}
         p.outage.down = False
 
