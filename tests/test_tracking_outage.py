@@ -1,0 +1,234 @@
+"""Job-store outages and a worker killed during one: embedding goes on, and every record converges.
+
+On the Cosmos DB test server the job container "embedding-jobs" hangs (requests held
+unanswered, then served once the fault clears, so writes the worker gave up on may still
+land) or fails (503), while the shards container stays readable; the queue is the local
+one. Embeddings come from an OpenAI-compatible endpoint with a fixed latency, so the
+embedding rate is set by the work, as in production, not by store round trips alone.
+
+The outage lasts OUTAGE_DRILL_SECONDS (10 unless set; the issue's drill is 30), and the
+worker's store_timeout keeps the production proportion to it: 5 s against 30 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import time
+from collections.abc import Iterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from opentelemetry.sdk.trace import TracerProvider
+from pytest_aiohttp.plugin import AiohttpServer
+
+from jobs.cosmos_setup import init_db
+from jobs.cosmos_store import CosmosJobStore
+from jobs.model import JobStatus
+from jobs.store import JobStore, empty_stats
+from jobs.telemetry import Outcome
+from tests.components import wait_until
+from tests.conftest import CosmosDatabase
+from tests.cosmos_server import cosmos_client
+from worker.consumer import Consumer, ConsumerConfig
+from worker.cosmos_shards import CosmosShardStore
+from worker.embedders import create_embedder
+from worker.local_queue import LocalQueue
+from worker.messages import JobMessage
+from worker.producer import Producer
+from worker.shards import Shard, ShardStore
+from worker.spool import SPOOL_DIR, Spool, read_spool, spool_files
+from worker.tracing import get_tracer
+from worker.tracker import JobTracker
+
+S = JobStatus
+OUTAGE_SECONDS = float(os.environ.get("OUTAGE_DRILL_SECONDS", "10"))
+STORE_TIMEOUT = 5.0 * OUTAGE_SECONDS / 30.0
+NORMAL_SECONDS = 5.0
+EMBED_LATENCY = 0.05
+CONCURRENCY = 4
+TENANTS = ("tenant-a", "tenant-b", "tenant-c")
+SHARDS_PER_TENANT = 10
+JOB_CONTAINER = "embedding-jobs"
+
+
+@pytest.fixture
+async def embeddings_url(aiohttp_server: AiohttpServer) -> str:
+    """An OpenAI-compatible embeddings endpoint taking EMBED_LATENCY per request."""
+
+    async def embeddings(request: web.Request) -> web.Response:
+        body = await request.json()
+        await asyncio.sleep(EMBED_LATENCY)  # the service's latency, not synchronisation
+        data = [{"index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(len(body["input"]))]
+        return web.json_response({"data": data, "model": body["model"]})
+
+    app = web.Application()
+    app.router.add_post("/embeddings", embeddings)
+    server = await aiohttp_server(app)
+    return str(server.make_url("/"))
+
+
+@contextlib.contextmanager
+def fault_cleared(db: CosmosDatabase) -> Iterator[None]:
+    """Whatever happens in the test, the session's shared server ends without a fault."""
+    try:
+        yield
+    finally:
+        db.server.set_fault(JOB_CONTAINER, None)
+
+
+async def set_fault(db: CosmosDatabase, mode: str | None) -> None:
+    await asyncio.to_thread(db.server.set_fault, JOB_CONTAINER, mode)
+
+
+async def seed_shards(shards: ShardStore) -> None:
+    """SHARDS_PER_TENANT shards for every tenant; jobs reuse them."""
+    for tenant in TENANTS:
+        for n in range(SHARDS_PER_TENANT):
+            text = f"Shard {n} of {tenant}: embedding pipelines turn text into vectors."
+            await shards.put(Shard(tenant_id=tenant, id=f"shard-{n}", shard_type_id="document", text=text))
+
+
+async def enqueue_jobs(producer: Producer, first: int, count: int, expected: dict[str, int]) -> None:
+    """Pending jobs first .. first+count-1 over the seeded shards, counted per tenant into expected."""
+    messages = [
+        JobMessage(f"job-{n:05d}", TENANTS[n % len(TENANTS)], f"shard-{n % SHARDS_PER_TENANT}", "document")
+        for n in range(first, first + count)
+    ]
+    for start in range(0, count, 64):
+        await asyncio.gather(*(producer.enqueue(m) for m in messages[start : start + 64]))
+    for m in messages:
+        expected[m.tenant_id] = expected.get(m.tenant_id, 0) + 1
+
+
+async def assert_converged(store: JobStore, expected: dict[str, int]) -> None:
+    """Every job completed, and each tenant's maintained counters equal a recount of its records."""
+    stats = await store.stats_all()
+    assert stats == {t: {**empty_stats(), S.COMPLETED: n} for t, n in expected.items()}
+    assert await store.recount() == stats
+
+
+async def all_completed(store: JobStore, expected: dict[str, int]) -> bool:
+    stats = await store.stats_all()
+    return all(stats.get(t, {}).get(S.COMPLETED) == n for t, n in expected.items())
+
+
+@dataclass(frozen=True)
+class DrillFigures:
+    """What one outage drill measured."""
+
+    mode: str
+    normal_rate: float
+    outage_rate: float
+    buffered_at_recovery: int
+    replay_seconds: float
+    store_failures: int
+
+    @property
+    def ratio(self) -> float:
+        return self.outage_rate / self.normal_rate
+
+    def __str__(self) -> str:
+        return (
+            f"{self.mode} {OUTAGE_SECONDS:g}s (store_timeout {STORE_TIMEOUT:g}s): normal {self.normal_rate:.1f} "
+            f"embeddings/s, during the outage {self.outage_rate:.1f}/s (ratio {self.ratio:.2f}); "
+            f"{self.buffered_at_recovery} writes buffered, replayed {self.replay_seconds:.2f}s after the fault "
+            f"cleared; {self.store_failures} store calls failed or timed out"
+        )
+
+
+async def rate(consumer: Consumer, seconds: float) -> float:
+    """Embeddings completed per second over the next `seconds` (a measurement window)."""
+    before, started = consumer.processed[Outcome.COMPLETED], time.monotonic()
+    await asyncio.sleep(seconds)
+    return (consumer.processed[Outcome.COMPLETED] - before) / (time.monotonic() - started)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90 + 3 * OUTAGE_SECONDS)
+@pytest.mark.parametrize("mode", ["hang", "fail"])
+async def test_embedding_goes_on_at_80_percent_through_a_job_store_outage_and_records_converge(
+    mode: str, cosmos_db: CosmosDatabase, tmp_path: Path, embeddings_url: str
+) -> None:
+    await init_db(cosmos_db.client, cosmos_db.name, JOB_CONTAINER, "shards", retention=None)
+    async with AsyncExitStack() as stack:
+        observer = await CosmosJobStore.open(client=cosmos_db.client, database=cosmos_db.name)
+        queue = await LocalQueue(tmp_path / "queue.db", lock_duration=30.0).open()
+        stack.push_async_callback(queue.close)
+        await seed_shards(await CosmosShardStore.open(client=cosmos_db.client, database=cosmos_db.name))
+        producer = Producer(observer, queue, get_tracer(TracerProvider()))
+        expected: dict[str, int] = {}
+        # Enough work to warm up and fill the normal window at the most the embeddings endpoint allows.
+        count = int(CONCURRENCY / EMBED_LATENCY * (NORMAL_SECONDS + 3))
+        await enqueue_jobs(producer, 0, count, expected)
+
+        # The worker's own client, shared by its job and shard stores as in production.
+        client = await stack.enter_async_context(cosmos_client(cosmos_db.server))
+        store = await CosmosJobStore.open(client=client, database=cosmos_db.name)
+        shards = await CosmosShardStore.open(client=client, database=cosmos_db.name)
+        tracker = JobTracker(store, timeout=STORE_TIMEOUT, spool=Spool.open(tmp_path / SPOOL_DIR))
+        await stack.enter_async_context(tracker.running())
+        embedder = create_embedder("openai", base_url=embeddings_url, model="drill", max_retries=0)
+        stack.push_async_callback(embedder.close)
+        consumer = Consumer(
+            queue=queue,
+            tracker=tracker,
+            shards=shards,
+            embedder=embedder,
+            tracer=get_tracer(TracerProvider()),
+            config=ConsumerConfig(concurrency=CONCURRENCY, receive_wait=0.1),
+            rng=random.Random(1),
+        )
+        stop = asyncio.Event()
+        run = asyncio.create_task(consumer.run(stop))
+
+        async def stopped() -> None:
+            stop.set()
+            await run
+
+        stack.push_async_callback(stopped)
+        stack.enter_context(fault_cleared(cosmos_db))
+
+        async def warmed_up() -> bool:
+            # Past the first connections and the first embeddings: a steady rate from here.
+            return consumer.processed[Outcome.COMPLETED] >= 60
+
+        await wait_until(warmed_up, "the worker to get going")
+        normal = await rate(consumer, NORMAL_SECONDS)
+        # Enough more for the outage window at the rate just measured (the store is still up).
+        backlog = count - consumer.processed[Outcome.COMPLETED]
+        more = max(0, int(normal * (OUTAGE_SECONDS + 2) * 1.25) - backlog)
+        await enqueue_jobs(producer, count, more, expected)
+        count += more
+        await set_fault(cosmos_db, mode)
+        during = await rate(consumer, OUTAGE_SECONDS)
+        buffered = tracker.buffered
+        await set_fault(cosmos_db, None)
+        cleared = time.monotonic()
+        assert consumer.processed[Outcome.COMPLETED] < count, "the work ran out before the outage ended"
+        # The outage was real: writes were buffered, and spooled.
+        assert buffered > 0
+        assert tracker.store_failures >= 1
+        assert sum(len(read_spool(p)) for p in spool_files(tmp_path / SPOOL_DIR)) >= 1
+
+        async def replayed() -> bool:
+            return tracker.buffered == 0
+
+        await wait_until(replayed, "the buffered writes to replay", within=60)
+        figures = DrillFigures(mode, normal, during, buffered, time.monotonic() - cleared, tracker.store_failures)
+        print(f"\noutage drill: {figures}")
+        assert figures.ratio >= 0.8, figures
+
+        async def done() -> bool:
+            return consumer.processed[Outcome.COMPLETED] >= count and tracker.buffered == 0
+
+        await wait_until(done, "every job to be embedded", within=60)
+        await assert_converged(observer, expected)
+        print(f"all {count} jobs completed {time.monotonic() - cleared:.2f}s after the fault cleared")
+        assert (tracker.dropped_writes, consumer.processed[Outcome.FAILED]) == (0, 0)
+        assert tracker.replayed_writes >= buffered
