@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from jobs.errors import StoreUnavailableError
 from jobs.lease import Lease, LeaseBackend
 from jobs.settings import Settings
 from jobs.sqlite_lease import SQLiteLeaseBackend
@@ -23,6 +26,8 @@ from worker.tracker import JobTracker
 if TYPE_CHECKING:
     from azure.cosmos.aio import CosmosClient
 
+log = logging.getLogger(__name__)
+
 
 class BackendUnavailableError(RuntimeError):
     """The configured backend cannot be used in this installation."""
@@ -38,8 +43,8 @@ class Backends:
     state_lease: Lease | None = None
 
 
-async def open_job_store(settings: Settings, client: CosmosClient | None = None) -> JobStore:
-    """The job store of settings.store (on client, when given, for Cosmos)."""
+async def open_job_store(settings: Settings, client: CosmosClient | None = None, *, verify: bool = True) -> JobStore:
+    """The job store of settings.store (on client, when given, for Cosmos); verify=False: see CosmosJobStore.open."""
     if settings.store == "sqlite":
         return await SQLiteJobStore.open(settings.sqlite_path)
     if settings.store == "cosmos":
@@ -54,8 +59,26 @@ async def open_job_store(settings: Settings, client: CosmosClient | None = None)
             database=settings.cosmos_database,
             container=settings.cosmos_container,
             retention=retention_of(settings),
+            verify=verify,
         )
     raise BackendUnavailableError(f"store backend {settings.store!r} is not available in this installation")
+
+
+async def open_worker_job_store(settings: Settings, client: CosmosClient | None = None) -> JobStore:
+    """The job store for a worker, which starts even while a Cosmos job container does not answer.
+
+    The tracker bounds, buffers and spools every job-status write until the store answers, so
+    an outage at start delays the records but must not keep the worker from embedding. (On
+    SQLite the store is the same file as the queue: without it there is no work either.)
+    """
+    if settings.store != "cosmos":
+        return await open_job_store(settings, client)
+    try:
+        return await asyncio.wait_for(open_job_store(settings, client), settings.store_timeout)
+    except (StoreUnavailableError, TimeoutError) as exc:
+        reason = str(exc) or f"no answer within {settings.store_timeout:g}s"
+        log.warning("job store unavailable at start (%s); working on, job-status writes wait in the spool", reason)
+        return await open_job_store(settings, client, verify=False)
 
 
 async def open_shard_store(settings: Settings, client: CosmosClient | None = None) -> ShardStore:
@@ -179,8 +202,13 @@ def build_tracker(settings: Settings, store: JobStore) -> JobTracker:
 
 
 @asynccontextmanager
-async def open_backends(settings: Settings, *, state_lease: bool = False) -> AsyncIterator[Backends]:
-    """Open store, shard store and queue (and the state lease if asked for); close them all on exit."""
+async def open_backends(
+    settings: Settings, *, state_lease: bool = False, for_worker: bool = False
+) -> AsyncIterator[Backends]:
+    """Open store, shard store and queue (and the state lease if asked for); close them all on exit.
+
+    for_worker opens the job store with open_worker_job_store.
+    """
     async with AsyncExitStack() as stack:
         client = None
         if settings.store == "cosmos":
@@ -191,7 +219,7 @@ async def open_backends(settings: Settings, *, state_lease: bool = False) -> Asy
             connection = await connect_from(settings)
             stack.push_async_callback(connection.close)
             client = connection.client
-        store = await open_job_store(settings, client)
+        store = await (open_worker_job_store if for_worker else open_job_store)(settings, client)
         stack.push_async_callback(store.close)
         shards = await open_shard_store(settings, client)
         stack.push_async_callback(shards.close)

@@ -151,7 +151,7 @@ async def _ingest(backends: Backends, source: str, tenant: str, out: TextIO = sy
 
 async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     """Run the consume loop until SIGTERM/SIGINT (or until idle)."""
-    async with open_backends(settings) as backends:
+    async with open_backends(settings, for_worker=True) as backends:
         # A progress line is for people: a worker in a pod, not waiting to go idle, only works.
         watch = args.exit_when_idle or sys.stderr.isatty()
         await _work(settings, backends, exit_when_idle=args.exit_when_idle, out=sys.stderr, watch=watch)

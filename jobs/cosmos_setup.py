@@ -256,14 +256,20 @@ def _summary(spec: ContainerSpec) -> str:
 
 
 async def open_container(
-    client: CosmosClient, database: str, spec: ContainerSpec, *, create: bool
+    client: CosmosClient, database: str, spec: ContainerSpec, *, create: bool, verify: bool = True
 ) -> tuple[ContainerProxy, dict[str, Any]]:
-    """The container and its properties, read once to prove it exists; created first when create is set."""
+    """The container and its properties, read once to prove it exists; created first when create is set.
+
+    verify=False skips the read (properties come back empty): the SDK then reads them on the
+    first call, so a process can start while the container does not answer.
+    """
     if create:
         db, _ = await ensure_database(client, database)
         container, _ = await ensure_container(db, spec)
     else:
         container = client.get_database_client(database).get_container_client(spec.name)
+    if not verify:
+        return container, {}
     with unavailable_errors(f"reading container {database}/{spec.name}"):
         try:
             # Also caches the container's properties, which every later call needs.

@@ -155,13 +155,22 @@ class CosmosJobStore:
         create_if_missing: bool = False,
         retention: timedelta | None = None,
         expiry_grace: timedelta = DEFAULT_EXPIRY_GRACE,
+        verify: bool = True,
     ) -> Self:
-        """Open the store on client, or on a client for endpoint (key, else credential or DefaultAzureCredential)."""
+        """Open the store on client, or on a client for endpoint (key, else credential or DefaultAzureCredential).
+
+        verify=False opens it without reading the container, for a worker starting while the
+        store is unavailable.
+        """
         spec = jobs_container_spec(container, retention)
         (proxy, properties), connection = await on_client(
-            client, endpoint, key, credential, lambda c: open_container(c, database, spec, create=create_if_missing)
+            client,
+            endpoint,
+            key,
+            credential,
+            lambda c: open_container(c, database, spec, create=create_if_missing, verify=verify),
         )
-        if retention and properties.get("defaultTtl") is None:
+        if verify and retention and properties.get("defaultTtl") is None:
             log.warning(
                 "container %s has TTL off, so finished jobs will not expire: run `embedding-jobs init-db`", container
             )

@@ -16,8 +16,11 @@ import asyncio
 import contextlib
 import os
 import random
+import signal
+import sqlite3
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,18 +33,21 @@ from pytest_aiohttp.plugin import AiohttpServer
 from jobs.cosmos_setup import init_db
 from jobs.cosmos_store import CosmosJobStore
 from jobs.model import JobStatus
+from jobs.sqlite_store import SQLiteJobStore
 from jobs.store import JobStore, empty_stats
 from jobs.telemetry import Outcome
 from tests.components import wait_until
 from tests.conftest import CosmosDatabase
 from tests.cosmos_server import cosmos_client
+from tests.test_cli import cli_env
+from tests.test_cli_cosmos import cosmos_env
 from worker.consumer import Consumer, ConsumerConfig
 from worker.cosmos_shards import CosmosShardStore
 from worker.embedders import create_embedder
 from worker.local_queue import LocalQueue
 from worker.messages import JobMessage
 from worker.producer import Producer
-from worker.shards import Shard, ShardStore
+from worker.shards import Shard, ShardStore, SQLiteShardStore
 from worker.spool import SPOOL_DIR, Spool, read_spool, spool_files
 from worker.tracing import get_tracer
 from worker.tracker import JobTracker
@@ -232,3 +238,194 @@ async def test_embedding_goes_on_at_80_percent_through_a_job_store_outage_and_re
         print(f"all {count} jobs completed {time.monotonic() - cleared:.2f}s after the fault cleared")
         assert (tracker.dropped_writes, consumer.processed[Outcome.FAILED]) == (0, 0)
         assert tracker.replayed_writes >= buffered
+
+
+class WorkerProcess:
+    """An `embedding-jobs worker` process, its output in a log file."""
+
+    def __init__(self, process: asyncio.subprocess.Process, log: Path) -> None:
+        self.process = process
+        self.log = log
+
+    @classmethod
+    async def start(cls, data_dir: Path, name: str, env: dict[str, str]) -> WorkerProcess:
+        log = data_dir / f"{name}.log"
+        with log.open("wb") as out:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "embedding_jobs", "worker", env=cli_env(data_dir, **env), stdout=out, stderr=out
+            )
+        return cls(process, log)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    async def kill(self) -> None:
+        """SIGKILL, as an OOM kill or a lost node would: no drain, no last flush."""
+        self.process.send_signal(signal.SIGKILL)
+        assert await asyncio.wait_for(self.process.wait(), 10) == -signal.SIGKILL
+
+    async def stop(self) -> None:
+        """SIGTERM, and a clean exit."""
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(self.process.wait(), 40) == 0, self.output()[-3000:]
+
+
+def spooled(directory: Path) -> dict[Path, int]:
+    """Writes not yet replayed in each spool file of directory."""
+    if not directory.exists():
+        return {}
+    return {path: len(read_spool(path)) for path in spool_files(directory)}
+
+
+def worker_env(embeddings_url: str, **extra: str) -> dict[str, str]:
+    return {
+        "EMBEDDING_JOBS_EMBEDDER": "openai",
+        "EMBEDDING_JOBS_OPENAI_ENDPOINT": embeddings_url,
+        "EMBEDDING_JOBS_CONCURRENCY": str(CONCURRENCY),
+        # A killed worker's messages come back soon.
+        "EMBEDDING_JOBS_LOCK_DURATION": "3",
+        "EMBEDDING_JOBS_STORE_TIMEOUT": "1",
+        "EMBEDDING_JOBS_RECONCILE_INTERVAL": "0",
+        **extra,
+    }
+
+
+@pytest.fixture
+async def workers() -> AsyncIterator[list[WorkerProcess]]:
+    """Worker processes a test starts; any still running at the end is killed."""
+    started: list[WorkerProcess] = []
+    yield started
+    for worker in started:
+        if worker.process.returncode is None:
+            await worker.kill()
+
+
+async def crash_mid_outage(
+    data_dir: Path,
+    env: dict[str, str],
+    workers: list[WorkerProcess],
+    progress: Callable[[], Awaitable[int]],
+    start_outage: Callable[[], Awaitable[None]],
+    spooled_at_least: int,
+) -> tuple[WorkerProcess, int]:
+    """A worker works, the outage starts, the worker is killed once it has spooled, and is restarted.
+
+    The outage goes on: the caller ends it. Returns the restarted worker and how many writes
+    the killed one left in its spool (which the restarted one has adopted).
+    """
+    spool_dir = data_dir / SPOOL_DIR
+    first = await WorkerProcess.start(data_dir, "first", env)
+    workers.append(first)
+
+    async def working() -> bool:
+        return await progress() >= 40
+
+    await wait_until(working, "the first worker to complete some jobs", within=30)
+    await start_outage()
+
+    async def has_spooled() -> bool:
+        return sum(spooled(spool_dir).values()) >= spooled_at_least
+
+    await wait_until(has_spooled, "the worker to spool writes during the outage", within=30)
+    await first.kill()
+    [(orphan, left)] = spooled(spool_dir).items()
+    assert left >= spooled_at_least
+
+    second = await WorkerProcess.start(data_dir, "second", env)
+    workers.append(second)
+
+    async def adopted() -> bool:
+        return not orphan.exists()
+
+    await wait_until(adopted, "the restarted worker to adopt the dead one's spool", within=30)
+    assert f"adopted {left} job-store write(s)" in second.output()
+    return second, left
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["fail", "hang"])
+async def test_a_worker_killed_mid_outage_and_restarted_loses_no_record(
+    mode: str, cosmos_db: CosmosDatabase, tmp_path: Path, embeddings_url: str, workers: list[WorkerProcess]
+) -> None:
+    await init_db(cosmos_db.client, cosmos_db.name, JOB_CONTAINER, "shards", retention=None)
+    observer = await CosmosJobStore.open(client=cosmos_db.client, database=cosmos_db.name)
+    expected: dict[str, int] = {}
+    async with LocalQueue(tmp_path / "embedding-jobs.db") as queue:
+        await seed_shards(await CosmosShardStore.open(client=cosmos_db.client, database=cosmos_db.name))
+        await enqueue_jobs(Producer(observer, queue, get_tracer(TracerProvider())), 0, 300, expected)
+
+    async def completed() -> int:
+        return sum(stats[S.COMPLETED] for stats in (await observer.stats_all()).values())
+
+    with fault_cleared(cosmos_db):
+        env = worker_env(embeddings_url, **cosmos_env(cosmos_db))
+        worker, left = await crash_mid_outage(
+            tmp_path, env, workers, completed, lambda: set_fault(cosmos_db, mode), spooled_at_least=30
+        )
+        await set_fault(cosmos_db, None)
+    cleared = time.monotonic()
+
+    async def converged() -> bool:
+        return await all_completed(observer, expected)
+
+    await wait_until(converged, "every job to complete", within=60)
+    took = time.monotonic() - cleared
+    await assert_converged(observer, expected)
+    await worker.stop()
+    # The restarted worker replayed everything and, stopping clean, left no spool behind.
+    assert spooled(tmp_path / SPOOL_DIR) == {}
+    print(
+        f"\ncrash drill (cosmos {mode}): the killed worker left {left} writes in its spool; "
+        f"every job completed {took:.2f}s after the fault cleared"
+    )
+
+
+async def test_a_worker_killed_while_the_sqlite_file_is_locked_loses_no_record(
+    tmp_path: Path, embeddings_url: str, workers: list[WorkerProcess]
+) -> None:
+    # One file holds jobs, shards and the queue: a held write lock stalls every writer, embedding
+    # included, so the first write spooled comes only once a shard write gives up (the 10 s busy
+    # timeout). What must hold is that timed-out calls do not wedge the connection's thread and
+    # that the writes spooled before the kill converge once the lock is gone.
+    db = tmp_path / "embedding-jobs.db"
+    expected: dict[str, int] = {}
+    store = await SQLiteJobStore.open(db)
+    try:
+        async with LocalQueue(db) as queue:
+            shards = await SQLiteShardStore.open(db)
+            await seed_shards(shards)
+            await shards.close()
+            await enqueue_jobs(Producer(store, queue, get_tracer(TracerProvider())), 0, 300, expected)
+
+        async def completed() -> int:
+            return sum(stats[S.COMPLETED] for stats in (await store.stats_all()).values())
+
+        lock = sqlite3.connect(db, isolation_level=None, timeout=10)
+
+        async def take_the_lock() -> None:
+            lock.execute("BEGIN IMMEDIATE")
+
+        try:
+            env = worker_env(embeddings_url, EMBEDDING_JOBS_STORE_TIMEOUT="0.5")
+            worker, left = await crash_mid_outage(tmp_path, env, workers, completed, take_the_lock, spooled_at_least=1)
+            lock.execute("ROLLBACK")
+        finally:
+            lock.close()
+        cleared = time.monotonic()
+
+        async def converged() -> bool:
+            return await all_completed(store, expected)
+
+        await wait_until(converged, "every job to complete", within=60)
+        took = time.monotonic() - cleared
+        await assert_converged(store, expected)
+        await worker.stop()
+        assert spooled(tmp_path / SPOOL_DIR) == {}
+        print(
+            f"\ncrash drill (sqlite lock): the killed worker left {left} writes in its spool; "
+            f"every job completed {took:.2f}s after the lock was released"
+        )
+    finally:
+        await store.close()
