@@ -208,8 +208,8 @@ class Spool:
     def open(cls, directory: Path) -> Self:
         """Create this process's spool file in directory and adopt the writes of stopped workers.
 
-        Adopted writes come first in the FIFO, merged by when they were made. OSError if the
-        directory cannot be used.
+        Adopted writes come first in the FIFO, merged by when they were made, all of them even
+        past the tracker's buffer size. OSError if the directory cannot be used.
         """
         spool = cls()
         directory.mkdir(parents=True, exist_ok=True)
@@ -379,6 +379,17 @@ def _integer(value: object) -> int:
 
 def _create_owned(directory: Path, content: bytes) -> tuple[int, Path]:
     """A new spool file holding content, locked by this process before anyone can see it."""
+    for _ in range(3):
+        try:
+            return _try_create_owned(directory, content)
+        except FileNotFoundError:
+            # A starting worker took the new file for a dead one's leftover in the instant
+            # between its creation and its lock, and deleted it: make another.
+            continue
+    return _try_create_owned(directory, content)
+
+
+def _try_create_owned(directory: Path, content: bytes) -> tuple[int, Path]:
     name = f"{_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
     tmp = directory / (name + _SUFFIX + _TMP_SUFFIX)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
