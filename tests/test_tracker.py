@@ -111,7 +111,9 @@ async def test_a_timed_out_finish_that_lands_later_is_replayed_harmlessly(
     assert await store.recount("tenant-a") == {"tenant-a": {**empty_stats(), S.COMPLETED: 1}}
 
 
-async def test_writes_replayed_twice_after_a_crash_change_nothing(store: SQLiteJobStore, tmp_path: Path) -> None:
+async def test_writes_replayed_twice_after_a_crash_end_in_the_same_records(
+    store: SQLiteJobStore, tmp_path: Path
+) -> None:
     def failed(m: JobMessage) -> TrackedWrite:
         return TrackedWrite.finish(m, S.FAILED, error="RetryableError: 503", retry_count=1, metadata=None)
 
@@ -146,12 +148,37 @@ async def test_writes_replayed_twice_after_a_crash_change_nothing(store: SQLiteJ
     async with tracker.running():
         await settled(tracker)
     assert tracker.replayed_writes == 6
-    # Not one field changed: job 2 in particular was not moved back to processing.
-    assert {n: (await store.get("tenant-a", f"job-{n}")).to_json() for n in (1, 2)} == before
+    after = {n: (await store.get("tenant-a", f"job-{n}")).to_json() for n in (1, 2)}
+    # A finished job is not touched at all; an unfinished one ends where its history ends.
+    assert after[1] == before[1]
+    fields = ("status", "retryCount", "error", "metadata", "traceId")
+    assert {k: after[2].get(k) for k in fields} == {k: before[2].get(k) for k in fields}
     assert before[2]["status"] == "failed"
     counts = {**empty_stats(), S.COMPLETED: 1, S.FAILED: 1}
     assert await store.stats("tenant-a") == counts
     assert await store.recount("tenant-a") == {"tenant-a": counts}
+
+
+async def test_a_redelivery_queued_behind_a_dead_workers_failure_still_completes(
+    store: SQLiteJobStore, tmp_path: Path
+) -> None:
+    # A worker began job 1, failed it while the store was down, and died before sending the retry.
+    await store.create(Job.new(job_id="job-1", tenant_id="tenant-a", shard_id="shard-1", shard_type_id="d"))
+    await store.transition("tenant-a", "job-1", S.PENDING, S.PROCESSING)
+    dead = Spool.open(tmp_path / "spool")
+    dead.append(TrackedWrite.finish(msg(1), S.FAILED, error="StoreUnavailableError", retry_count=1, metadata=None))
+    dead.close()
+    tracker = tracker_on(store, Spool.open(tmp_path / "spool"))
+    async with tracker.running():
+        # Its message comes back (same attempt) and this time the work succeeds; both writes
+        # queue behind the adopted failure, so the begin meets a failed job and must take it on.
+        assert await tracker.begin(msg(1), trace_id=None) is Begin.PROCEED
+        await tracker.finish(msg(1), S.COMPLETED, metadata=META)
+        assert tracker.buffered == 3
+        await settled(tracker)
+    done = await store.get("tenant-a", "job-1")
+    assert (done.status, done.metadata) == (S.COMPLETED, META)
+    assert await store.recount("tenant-a") == {"tenant-a": {**empty_stats(), S.COMPLETED: 1}}
 
 
 async def test_a_jobs_new_write_queues_behind_its_adopted_ones(store: SQLiteJobStore, tmp_path: Path) -> None:

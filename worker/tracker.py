@@ -11,9 +11,12 @@ have buffered writes: those queue behind them, so each job's history stays in or
 
 A write that timed out may still land later (a stalled request served once the network
 recovers, or a SQLite call still running on its connection's thread), and a crash
-mid-replay replays some writes twice, so replays are idempotent: a replayed begin only
-moves a job from the status its attempt expects, and a replayed finish that finds the
-job moved on keeps the stored record.
+mid-replay replays some writes twice. Replaying a job's writes again from any point of
+its history ends in the same record: a begin moves any unfinished job to processing
+(processing -> processing is legal) and skips a finished one, a finish that finds the
+job finished keeps the stored record. A replayed begin cannot tell a stale attempt from
+a redelivery whose begin was merely queued behind older writes, so it does what a live
+begin does; the job's later writes, behind it, then settle the record.
 """
 
 from __future__ import annotations
@@ -123,7 +126,7 @@ class JobTracker:
             self._enqueue(write)
             return Begin.PROCEED
         try:
-            return await self._begin(write, replay=False)
+            return await self._begin(write)
         except StoreUnavailableError as exc:
             self._unavailable(write, exc)
             return Begin.PROCEED
@@ -156,7 +159,7 @@ class JobTracker:
             # The call may still land (see the module docstring); replays are idempotent for that.
             raise StoreUnavailableError(f"job store did not answer within {self._timeout:g}s") from None
 
-    async def _begin(self, write: TrackedWrite, *, replay: bool) -> Begin:
+    async def _begin(self, write: TrackedWrite) -> Begin:
         expected = S.PENDING if write.attempt == 0 else S.FAILED
         for _ in range(_RESOLVE_ATTEMPTS):
             try:
@@ -180,10 +183,6 @@ class JobTracker:
                 expected = stored.status
             except TransitionConflictError as exc:
                 expected = S(exc.actual)
-                if replay:
-                    # Processing: this begin (timed out, yet landed) or a redelivery got there.
-                    # Anything else: the attempt has ended since. Either way nothing is owed.
-                    return Begin.PROCEED
             if expected in TERMINAL:
                 return Begin.SKIP
         raise StoreUnavailableError(f"job {write.job_id} kept changing status under us")
@@ -222,7 +221,7 @@ class JobTracker:
 
     async def _replay(self, write: TrackedWrite) -> None:
         if write.kind == BEGIN:
-            await self._begin(write, replay=True)
+            await self._begin(write)
         else:
             await self._finish(write, replay=True)
 
