@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 REASON_MALFORMED = "MalformedMessage"
 REASON_PERMANENT = "PermanentFailure"
 REASON_MAX_ATTEMPTS = "MaxAttemptsExceeded"
+REASON_JOB_DEAD_LETTERED = "JobDeadLettered"
 # Dead-letter descriptions are for people reading the dead-letter queue; a bound keeps every queue able to store one.
 DESCRIPTION_MAX = 1024
 
@@ -217,8 +218,17 @@ class Consumer:
         with self.tracer.start_as_current_span("embedding.store.begin"):
             begin = await asyncio.shield(self.tracker.begin(msg, trace_id))
         if begin is Begin.SKIP:
-            log.info("job already finished; completing duplicate delivery", extra=extra)
+            log.info("job already completed; completing duplicate delivery", extra=extra)
             await self._settle(self.queue.complete(received), received)
+            return Outcome.SKIPPED
+        if begin is Begin.DEAD_LETTERED:
+            # A dead-lettered job's message is kept where operators look for it, even when this is
+            # a second delivery of one already there: a duplicate entry beats a missing one.
+            log.warning("job already dead-lettered; dead-lettering its delivered message", extra=extra)
+            description = "the job record is dead_lettered; see its error for why"
+            await self._settle(
+                self.queue.dead_letter(received, REASON_JOB_DEAD_LETTERED, description), received
+            )
             return Outcome.SKIPPED
 
         try:

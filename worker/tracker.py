@@ -53,8 +53,11 @@ class Begin(Enum):
     """Whether the worker should process a delivered job."""
 
     PROCEED = "proceed"
-    # The job already finished (completed or dead-lettered): a duplicate delivery.
+    # The job already completed: a duplicate delivery.
     SKIP = "skip"
+    # The job is already dead-lettered: its message belongs in the dead-letter queue, where a
+    # worker killed between recording the job and dead-lettering the message never put it.
+    DEAD_LETTERED = "dead_lettered"
 
 
 class JobTracker:
@@ -120,7 +123,7 @@ class JobTracker:
             self._spool.close()
 
     async def begin(self, msg: JobMessage, trace_id: str | None) -> Begin:
-        """Mark the job processing (creating it if no producer did); SKIP if it already finished."""
+        """Mark the job processing (creating it if no producer did); SKIP or DEAD_LETTERED if it already finished."""
         write = TrackedWrite.begin(msg, trace_id)
         if self._down or self._blocked[write.key]:
             self._enqueue(write)
@@ -183,6 +186,8 @@ class JobTracker:
                 expected = stored.status
             except TransitionConflictError as exc:
                 expected = S(exc.actual)
+            if expected is S.DEAD_LETTERED:
+                return Begin.DEAD_LETTERED
             if expected in TERMINAL:
                 return Begin.SKIP
         raise StoreUnavailableError(f"job {write.job_id} kept changing status under us")
