@@ -31,7 +31,7 @@ class Settings:
 
     # store
     store: str = _opt("sqlite", "job and shard store backend", "store", choices=("sqlite", "cosmos"))
-    data_dir: Path = _opt(Path("var"), "folder for the local SQLite files", "store")
+    data_dir: Path = _opt(Path("var"), "folder for the local SQLite files and the worker's tracking spool", "store")
     cosmos_endpoint: str = _opt("", "Cosmos DB endpoint (https://ACCOUNT.documents.azure.com)", "store")
     cosmos_key: str = _opt(
         "", "Cosmos DB key; when empty, Microsoft Entra ID (DefaultAzureCredential)", "store", secret=True

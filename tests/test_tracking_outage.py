@@ -6,8 +6,10 @@ land) or fails (503), while the shards container stays readable; the queue is th
 one. Embeddings come from an OpenAI-compatible endpoint with a fixed latency, so the
 embedding rate is set by the work, as in production, not by store round trips alone.
 
-The outage lasts OUTAGE_DRILL_SECONDS (10 unless set; the issue's drill is 30), and the
-worker's store_timeout keeps the production proportion to it: 5 s against 30 s.
+The outage lasts OUTAGE_DRILL_SECONDS: 10 in the suite, with a 1 s store timeout;
+`OUTAGE_DRILL_SECONDS=30` runs the full drill with the default 5 s store timeout. The jobs in
+flight when the store stops answering each lose one timeout, so the timeout's share of the
+window sets the floor of the rate; docs/reliability.md records both.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from worker.tracker import JobTracker
 
 S = JobStatus
 OUTAGE_SECONDS = float(os.environ.get("OUTAGE_DRILL_SECONDS", "10"))
-STORE_TIMEOUT = 5.0 * OUTAGE_SECONDS / 30.0
+STORE_TIMEOUT = 5.0 if OUTAGE_SECONDS >= 30 else 1.0
 NORMAL_SECONDS = 5.0
 EMBED_LATENCY = 0.05
 CONCURRENCY = 4

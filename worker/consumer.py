@@ -226,9 +226,7 @@ class Consumer:
             # a second delivery of one already there: a duplicate entry beats a missing one.
             log.warning("job already dead-lettered; dead-lettering its delivered message", extra=extra)
             description = "the job record is dead_lettered; see its error for why"
-            await self._settle(
-                self.queue.dead_letter(received, REASON_JOB_DEAD_LETTERED, description), received
-            )
+            await self._settle(self.queue.dead_letter(received, REASON_JOB_DEAD_LETTERED, description), received)
             return Outcome.SKIPPED
 
         try:
