@@ -47,3 +47,30 @@ async def test_message_dead_lettered_by_the_queue_marks_its_job(tmp_path: Path) 
         assert (again.marked, again.already_final) == (0, 3)
         resumed = await reconcile_dead_letters(queue, store, from_sequence_number=result.next_sequence_number)
         assert resumed.scanned == 0
+
+
+async def test_a_message_sent_before_a_manual_retry_does_not_dead_letter_the_retried_job(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    async with await SQLiteJobStore.open(db) as store, LocalQueue(db, max_delivery_count=1) as queue:
+        for job_id in ("retried", "never-ran"):
+            job = Job.new(job_id=job_id, tenant_id="acme", shard_id=job_id, shard_type_id="d")
+            await store.create(job)
+            msg = JobMessage(job_id, "acme", job_id, "d")
+            await queue.send(msg.to_body(), message_id=msg.message_id)
+        [first] = await queue.receive(max_messages=1, max_wait=0.05)
+        assert first.message_id == "retried"
+        await store.transition("acme", "retried", S.PENDING, S.PROCESSING)
+        await store.transition("acme", "retried", S.PROCESSING, S.DEAD_LETTERED, error="gave up")
+        await queue.dead_letter(first, "PermanentFailure", "gave up")
+        # A manual retry: the job is pending again after its old message went to the dead-letter queue.
+        await store.transition("acme", "retried", S.DEAD_LETTERED, S.PENDING, retry_count=0)
+        # The other job's message is given up on by the queue while the job is still pending.
+        [second] = await queue.receive(max_messages=1, max_wait=0.05)
+        await queue.abandon(second)
+        assert await queue.receive(max_messages=1, max_wait=0.05) == []
+        assert (await queue.depth()).dead_letter == 2
+
+        result = await reconcile_dead_letters(queue, store)
+        assert (result.scanned, result.marked, result.superseded) == (2, 1, 1)
+        assert (await store.get("acme", "retried")).status is S.PENDING
+        assert (await store.get("acme", "never-ran")).status is S.DEAD_LETTERED

@@ -5,6 +5,11 @@ when workers kept crashing mid-job; the job record then still says pending, proc
 failed. The reconciler peeks the dead-letter sub-queue (never removing anything, so it is
 safe to run repeatedly and from several workers) and moves such jobs to dead_lettered with
 the queue's reason.
+
+A dead-lettered message sent before its job last became pending is not the job's current
+message: a manual retry or a new ingest sent another since. Passes start again from the
+beginning of the sub-queue whenever a worker starts, so such a message would otherwise
+dead-letter the retried job again; it is counted as superseded and left alone.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class ReconcileResult:
     scanned: int = 0
     marked: int = 0
     already_final: int = 0
+    superseded: int = 0
     unknown: int = 0
     next_sequence_number: int = 0
 
@@ -56,6 +62,9 @@ async def reconcile_dead_letters(queue: Queue, store: JobStore, *, from_sequence
                 continue
             if job.status in TERMINAL:
                 result.already_final += 1
+                continue
+            if job.status is JobStatus.PENDING and message.enqueued_time < job.updated_at:
+                result.superseded += 1
                 continue
             error = f"dead-lettered by the queue: {message.reason}: {message.description}".rstrip(": ")
             try:
