@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from jobs.errors import StoreUnavailableError
@@ -185,6 +186,7 @@ def consumer_config(settings: Settings) -> ConsumerConfig:
         chunk_overlap_tokens=settings.chunk_overlap_tokens,
         drain_timeout=settings.drain_timeout,
         messaging_system="servicebus" if settings.queue == "servicebus" else "sqlite",
+        heartbeat_file=Path(settings.heartbeat_file) if settings.heartbeat_file else None,
     )
 
 

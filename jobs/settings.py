@@ -88,6 +88,12 @@ class Settings:
         300.0, "seconds between dead-letter reconcile passes inside the worker (0 turns them off)", "worker"
     )
     tracking_buffer: int = _opt(10_000, "job-store writes held while the store is down", "worker")
+    heartbeat_file: str = _opt(
+        "",
+        "file the consume loop touches every second or so, for a liveness probe: "
+        "python -m worker.heartbeat --max-age SECONDS FILE (empty: none)",
+        "worker",
+    )
     otlp_endpoint: str = _opt(
         "",
         "send spans over OTLP/HTTP to this base URL, e.g. the exporter's receiver at http://127.0.0.1:4318 "

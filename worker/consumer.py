@@ -10,6 +10,7 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -20,6 +21,7 @@ from jobs.telemetry import JOB_SPAN, Outcome
 from worker.chunking import chunk_text
 from worker.embedders.base import Embedder
 from worker.errors import PermanentError, RetryableError
+from worker.heartbeat import Heartbeat
 from worker.messages import MAX_ATTEMPT, JobMessage, MalformedMessageError, parse_message, trace_carrier
 from worker.queue import MessageLockLostError, Queue, QueueError, ReceivedMessage
 from worker.shards import ShardNotFoundError, ShardStore, ShardVectors
@@ -50,6 +52,8 @@ class ConsumerConfig:
     messaging_system: str = "sqlite"
     # How long one receive call waits for a message; also bounds how long a stop request waits.
     receive_wait: float = 1.0
+    # Touched on every turn of the loop, for a liveness probe (worker/heartbeat.py); None: no heartbeat.
+    heartbeat_file: Path | None = None
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
@@ -81,6 +85,7 @@ class Consumer:
         self.config = config
         self._rng = rng or random.Random()
         self._in_flight: set[asyncio.Task[Outcome]] = set()
+        self._heartbeat = Heartbeat(config.heartbeat_file)
         self.processed: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
 
     @property
@@ -99,8 +104,10 @@ class Consumer:
         slots = asyncio.Semaphore(self.config.concurrency)
         try:
             while not stop.is_set():
-                if not await _first(slots.acquire(), stop):
-                    break
+                self._heartbeat.beat()
+                # Waiting for a free slot is bounded too, so a worker whose slots are all busy still beats.
+                if not await _first(slots.acquire(), stop, self.config.receive_wait):
+                    continue
                 try:
                     messages = await self.queue.receive(max_messages=1, max_wait=self.config.receive_wait)
                 except QueueError as exc:
@@ -122,7 +129,14 @@ class Consumer:
         if not self._in_flight:
             return
         log.info("draining %d in-flight job(s) for up to %.0fs", len(self._in_flight), self.config.drain_timeout)
-        _, pending = await asyncio.wait(set(self._in_flight), timeout=self.config.drain_timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.drain_timeout
+        pending = set(self._in_flight)
+        # In steps, beating in between: a long drain is the loop at work, not a hung worker.
+        while pending and (remaining := deadline - loop.time()) > 0:
+            self._heartbeat.beat()
+            _, pending = await asyncio.wait(pending, timeout=min(remaining, self.config.receive_wait))
+        pending = {task for task in pending if not task.done()}
         for task in pending:
             task.cancel()
         if pending:
@@ -379,20 +393,19 @@ def _description(text: str) -> str:
     return bounded.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-async def _first(acquire: Awaitable[bool], stop: asyncio.Event) -> bool:
-    """Wait for acquire or stop; True if acquired (and not stopping)."""
+async def _first(acquire: Awaitable[bool], stop: asyncio.Event, within: float) -> bool:
+    """Wait up to `within` seconds for acquire or stop; True if acquired and not stopping (the slot is then held)."""
     acquiring = asyncio.ensure_future(acquire)
     stopping = asyncio.ensure_future(stop.wait())
-    done, _ = await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    done, _ = await asyncio.wait({acquiring, stopping}, timeout=within, return_when=asyncio.FIRST_COMPLETED)
     stopping.cancel()
-    if acquiring in done and not stop.is_set():
-        return True
-    if acquiring in done:
-        return False
-    acquiring.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await acquiring
-    return False
+    if acquiring not in done:
+        acquiring.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await acquiring
+    # The cancel can lose the race with a slot being granted: the slot is then held, and used here.
+    acquired = acquiring.done() and not acquiring.cancelled() and acquiring.result()
+    return acquired and not stop.is_set()
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:
