@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
@@ -11,8 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.components import wait_for
-from tests.test_cli import cli_env
+from tests.components import wait_for, wait_until
+from tests.test_cli import cli_env, run_cli
+from tests.test_embedders import API_KEY, FakeEmbeddingsAPI, api
+
+# The embeddings endpoint that holds a request until released, shared with tests/test_embedders.py.
+__all__ = ["api"]
 
 
 def probe(path: Path, max_age: float) -> subprocess.CompletedProcess[str]:
@@ -101,3 +106,49 @@ def test_no_heartbeat_setting_writes_no_file(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stderr
     assert not [path for path in set(tmp_path.rglob("*")) - before if "heartbeat" in path.name]
+
+
+async def test_a_worker_whose_every_slot_is_busy_keeps_beating(api: FakeEmbeddingsAPI, tmp_path: Path) -> None:
+    # One slot, taken by a job whose embeddings request the endpoint holds: the loop waits for a slot.
+    api.replies = ["hang"]
+    corpus = '{"tenantId": "acme", "shardId": "s1", "text": "a shard that takes long to embed"}'
+    assert run_cli(tmp_path, "ingest", "-", stdin=corpus).returncode == 0
+    heartbeat = tmp_path / "worker-heartbeat"
+    env = cli_env(
+        tmp_path,
+        EMBEDDING_JOBS_HEARTBEAT_FILE=str(heartbeat),
+        EMBEDDING_JOBS_CONCURRENCY="1",
+        EMBEDDING_JOBS_EMBEDDER="openai",
+        EMBEDDING_JOBS_OPENAI_ENDPOINT=f"{api.base_url}/v1",
+        EMBEDDING_JOBS_OPENAI_API_KEY=API_KEY,
+        EMBEDDING_JOBS_OPENAI_TIMEOUT="60",
+    )
+    with tempfile.TemporaryFile(dir=tmp_path) as log:
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "embedding_jobs", "worker", "--exit-when-idle", env=env, stderr=log
+        )
+        try:
+
+            async def held() -> bool:
+                return len(api.requests) == 1 and heartbeat.exists()
+
+            await wait_until(held, "the job's embeddings request to be held", within=20)
+            beats: set[int] = set()
+
+            async def beating() -> bool:
+                beats.add(heartbeat.stat().st_mtime_ns)
+                return len(beats) >= 3
+
+            await wait_until(beating, "two more heartbeats while the only slot is busy", within=10)
+            assert not api.release.is_set()
+            assert len(api.requests) == 1
+            api.release.set()
+            assert await asyncio.wait_for(worker.wait(), 30) == 0
+        finally:
+            api.release.set()
+            if worker.returncode is None:
+                worker.kill()
+                await worker.wait()
+            log.seek(0)
+            output = log.read().decode(errors="replace")
+    assert worker.returncode == 0, output

@@ -41,7 +41,8 @@ ALL_ON = CHART / "ci" / "all-on-values.yaml"
 TRIAL = CHART / "ci" / "trial-values.yaml"
 DOCKERFILE = REPO / "Dockerfile"
 # kubernetes-validate has schemas for the built-in kinds only; these are checked structurally below.
-CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject", "TriggerAuthentication"}
+CUSTOM_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "ScaledObject", "TriggerAuthentication"}
+PROBE_TIMING = ("periodSeconds", "timeoutSeconds", "failureThreshold")
 # The chart feature that embeds each folder's copies.
 FEATURE_OF = {"alerts": "prometheusRule", "dashboards": "dashboards"}
 
@@ -381,7 +382,8 @@ def test_probes_service_servicemonitor_and_network_policy_use_the_exporter_port(
         "livenessProbe": ("/healthz", port["name"]),
         "readinessProbe": ("/readyz", port["name"]),
     }
-    assert "livenessProbe" not in container(all_on, "worker")
+    # The worker has no port: its probes run a command (see the heartbeat tests below).
+    assert {"exec"} == container(all_on, "worker")["livenessProbe"].keys() - set(PROBE_TIMING)
     service = one(all_on, "Service")
     [service_port] = [p for p in service["spec"]["ports"] if p["name"] == "http"]
     assert service_port["targetPort"] == port["name"]

@@ -164,6 +164,12 @@ Combinations the schema cannot express; failing here beats a pod that crash-loop
 {{- if and $v.azure.workloadIdentity.enabled (not $v.azure.workloadIdentity.clientId) }}
 {{- fail "azure.workloadIdentity.enabled needs azure.workloadIdentity.clientId" }}
 {{- end }}
+{{- if and $v.serviceMonitor.enabled $v.podMonitor.enabled }}
+{{- fail "serviceMonitor.enabled and podMonitor.enabled would scrape every pod twice and double every sum in the rules and dashboards: enable one of them" }}
+{{- end }}
+{{- if and $v.azureManagedPrometheus.enabled (not (or $v.serviceMonitor.enabled $v.podMonitor.enabled)) }}
+{{- fail "azureManagedPrometheus.enabled sets the API group of the ServiceMonitor or PodMonitor: enable serviceMonitor or podMonitor too" }}
+{{- end }}
 {{- if $v.keda.enabled }}
 {{- if ne (include "embedding-jobs.queue" .) "servicebus" }}
 {{- fail "keda scales on a Service Bus queue: set config.queue=servicebus" }}
@@ -245,4 +251,105 @@ buffered job-store writes lives there); the exporter only when it reads the SQLi
     {{- toYaml .Values.exporter.resources | nindent 4 }}
   volumeMounts:
     {{- include "embedding-jobs.volumeMounts" (list . (include "embedding-jobs.usesLocalStore" .)) | nindent 4 }}
+{{- end }}
+
+{{/* The heartbeat file the worker's consume loop touches and its probes check (EMBEDDING_JOBS_HEARTBEAT_FILE). */}}
+{{- define "embedding-jobs.heartbeatFile" -}}
+/tmp/worker-heartbeat
+{{- end }}
+
+{{/* API group of the ServiceMonitor and PodMonitor: the Prometheus Operator's, or Azure Monitor managed Prometheus'. */}}
+{{- define "embedding-jobs.monitorApiVersion" -}}
+{{- ternary "azmonitoring.coreos.com/v1" "monitoring.coreos.com/v1" .Values.azureManagedPrometheus.enabled }}
+{{- end }}
+
+{{/* Spec fields every monitor gets: the label limits the Azure add-on asks for (it drops monitors without them). */}}
+{{- define "embedding-jobs.monitorLimits" -}}
+{{- if .Values.azureManagedPrometheus.enabled }}
+labelLimit: 63
+labelNameLengthLimit: 511
+labelValueLengthLimit: 1023
+{{- end }}
+{{- end }}
+
+{{/* The scrape endpoint of the ServiceMonitor and the PodMonitor: the exporter's port named http. */}}
+{{- define "embedding-jobs.scrapeEndpoint" -}}
+- port: http
+  path: /metrics
+  interval: {{ .Values.serviceMonitor.interval }}
+  scrapeTimeout: {{ .Values.serviceMonitor.scrapeTimeout }}
+  {{- /* The alert rules select their targets by this job label, whatever the release is called. */}}
+  relabelings:
+    - action: replace
+      targetLabel: job
+      replacement: {{ .Values.serviceMonitor.job | quote }}
+  {{- with .Values.secrets.metricsToken }}
+  {{- if .name }}
+  authorization:
+    type: Bearer
+    credentials:
+      name: {{ .name }}
+      key: {{ .key }}
+  {{- end }}
+  {{- end }}
+{{- end }}
+
+{{/*
+The TCP port an endpoint URL is reached on: its explicit port, else its scheme's (http 80, https 443).
+NetworkPolicies know ports, not host names, so each configured endpoint contributes its port.
+*/}}
+{{- define "embedding-jobs.urlPort" -}}
+{{- $url := index . 1 }}
+{{- $parsed := urlParse $url }}
+{{- $port := regexFind ":[0-9]+$" $parsed.host | trimPrefix ":" }}
+{{- if $port }}{{ $port }}
+{{- else if eq $parsed.scheme "https" }}443
+{{- else if eq $parsed.scheme "http" }}80
+{{- else }}{{ fail (printf "networkPolicy.restrictEgress cannot tell the port of config.%s=%q: give it an http:// or https:// scheme" (index . 0) $url) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The TCP ports the pod's egress needs besides DNS, as a JSON list of numbers, from what the configuration
+enables: 443 for Cosmos DB, Service Bus, OpenAI and Entra ID tokens; 5671 (AMQP over TLS) for Service Bus;
+the ports of the configured Cosmos DB, OpenAI and span-forwarding endpoints.
+*/}}
+{{- define "embedding-jobs.egressPorts" -}}
+{{- $v := .Values }}
+{{- $config := $v.config | default dict }}
+{{- $ports := list }}
+{{- $store := include "embedding-jobs.store" . }}
+{{- $queue := include "embedding-jobs.queue" . }}
+{{- $embedder := $config.embedder | default "hashing" }}
+{{- if or (eq $store "cosmos") (eq $queue "servicebus") (ne $embedder "hashing") $v.azure.workloadIdentity.enabled }}
+{{- $ports = append $ports 443 }}
+{{- end }}
+{{- if eq $queue "servicebus" }}
+{{- $ports = append $ports 5671 }}
+{{- end }}
+{{- if and (eq $store "cosmos") $config.cosmosEndpoint }}
+{{- $ports = append $ports (include "embedding-jobs.urlPort" (list "cosmosEndpoint" $config.cosmosEndpoint) | int) }}
+{{- end }}
+{{- if and (eq $embedder "openai") $config.openaiEndpoint }}
+{{- $ports = append $ports (include "embedding-jobs.urlPort" (list "openaiEndpoint" $config.openaiEndpoint) | int) }}
+{{- end }}
+{{- with $config.forwardOtlpEndpoint }}
+{{- $ports = append $ports (include "embedding-jobs.urlPort" (list "forwardOtlpEndpoint" .) | int) }}
+{{- end }}
+{{- /* Zero-padded for a numeric order from sortAlpha. */}}
+{{- $padded := list }}
+{{- range $ports | uniq }}
+{{- $padded = append $padded (printf "%05d" .) }}
+{{- end }}
+{{- $sorted := list }}
+{{- range $padded | sortAlpha }}
+{{- $sorted = append $sorted (. | atoi) }}
+{{- end }}
+{{- $sorted | toJson }}
+{{- end }}
+
+{{/* Labels of the `helm test` pod: the release's, without the selector labels that would put it behind the Service. */}}
+{{- define "embedding-jobs.testSelectorLabels" -}}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: helm-test
 {{- end }}
