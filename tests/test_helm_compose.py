@@ -81,7 +81,7 @@ def test_chart_renders_as_a_subchart_of_an_umbrella_chart_with_global_values(
             }
         )
     )
-    values = {
+    values: dict[str, Any] = {
         "global": {"imageRegistry": "registry.example.com", "environment": "staging"},
         "embedding-jobs": {"api": {"allowAnonymous": True}, "networkPolicy": {"enabled": True}},
     }
