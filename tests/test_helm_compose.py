@@ -136,11 +136,11 @@ def test_restricted_egress_without_rules_still_allows_dns(helm: Helm, kubernetes
 
 def test_restricted_egress_follows_what_all_on_enables_and_keeps_the_extra_rules(helm: Helm) -> None:
     rules = egress(helm, ALL_ON, set_values=tuple(all_on_overrides()))
-    extra = yaml.safe_load(ALL_ON.read_text())["networkPolicy"]["egress"]
+    values = yaml.safe_load(ALL_ON.read_text())
+    extra = values["networkPolicy"]["egress"]
     assert rules[0] == DNS_RULE
     # 443: Cosmos DB, Service Bus over WebSockets, Azure OpenAI, Entra ID; 5671: AMQP; 4318: span forwarding.
-    forward = Settings.load(environ={"EMBEDDING_JOBS_FORWARD_OTLP_ENDPOINT": "http://otel-collector.observability:4318"})
-    assert forward.forward_otlp_endpoint.endswith(":4318")
+    assert values["config"]["forwardOtlpEndpoint"].endswith(":4318")
     assert tcp_ports(rules[1]) == [443, 4318, 5671]
     assert rules[2:] == extra
 
@@ -158,6 +158,8 @@ ENDPOINTS = {
         ("config.queue=servicebus", "secrets.servicebusConnectionString.name=sb"),
         [443, 5671],
     ),
+    "model download": (("config.embedder=sentence-transformers",), [443]),
+    "entra id tokens": (("azure.workloadIdentity.enabled=true", "azure.workloadIdentity.clientId=c"), [443]),
     "forwarding over https": (("config.forwardOtlpEndpoint=https://collector.example.com",), [443]),
     "forwarding to an ipv6 address": (("config.forwardOtlpEndpoint=http://[fd00::1]:4317",), [4317]),
 }
