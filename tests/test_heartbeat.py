@@ -108,7 +108,10 @@ def test_no_heartbeat_setting_writes_no_file(tmp_path: Path) -> None:
     assert not [path for path in set(tmp_path.rglob("*")) - before if "heartbeat" in path.name]
 
 
-async def test_a_worker_whose_every_slot_is_busy_keeps_beating(api: FakeEmbeddingsAPI, tmp_path: Path) -> None:
+@pytest.mark.parametrize("then", ["release", "drain"])
+async def test_a_worker_whose_every_slot_is_busy_keeps_beating_and_beats_while_it_drains(
+    api: FakeEmbeddingsAPI, tmp_path: Path, then: str
+) -> None:
     # One slot, taken by a job whose embeddings request the endpoint holds: the loop waits for a slot.
     api.replies = ["hang"]
     corpus = '{"tenantId": "acme", "shardId": "s1", "text": "a shard that takes long to embed"}'
@@ -142,6 +145,12 @@ async def test_a_worker_whose_every_slot_is_busy_keeps_beating(api: FakeEmbeddin
             await wait_until(beating, "two more heartbeats while the only slot is busy", within=10)
             assert not api.release.is_set()
             assert len(api.requests) == 1
+            if then == "drain":
+                # SIGTERM: the loop stops taking work and waits for the held job; the drain beats too.
+                worker.terminate()
+                beats.clear()
+                await wait_until(beating, "heartbeats while the worker drains its held job", within=10)
+                assert worker.returncode is None
             api.release.set()
             assert await asyncio.wait_for(worker.wait(), 30) == 0
         finally:
