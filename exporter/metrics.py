@@ -80,3 +80,15 @@ QUEUE_WAIT_BUCKETS: Final = (0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 900.0,
 DURATION_BUCKETS_FULL: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 180.0, 300.0)
 QUEUE_WAIT_BUCKETS_FULL: Final = (*DURATION_BUCKETS_FULL, 600.0, 900.0, 1800.0, 3600.0)
 DETAIL_LEVELS: Final = ("compact", "full")
+
+# Worker tracking health (from the worker's OTLP metrics, or read in process by `up`), per worker
+# process: a few series per worker, none per tenant.
+WORKER_TRACKING: Final = "embedding_worker_tracking_"
+WORKER_TRACKING_HELP: Final = {
+    "store_failures": "Job-store calls by the worker's tracker that failed or timed out (probes included).",
+    "dropped_writes": "Job-status writes the worker gave up: the buffer was full, or the store refuses them. "
+    "Job records are wrong until `embedding-jobs recount`.",
+    "replayed_writes": "Buffered job-status writes replayed once the store answered.",
+    "adopted_writes": "Buffered job-status writes taken over at start from the spools of workers that died.",
+    "buffered_writes": "Job-status writes waiting in the worker's buffer for the job store to answer.",
+}
