@@ -398,8 +398,7 @@ def tracking_alerts(params: RuleParams) -> list[dict[str, object]]:
         _alert(
             params,
             "EmbeddingWorkerTrackingWritesDropped",
-            "sum by (job) (increase(embedding_worker_tracking_dropped_writes_total"
-            f"[{TRACKING_DROP_WINDOW}])) > 0",
+            f"sum by (job) (increase(embedding_worker_tracking_dropped_writes_total[{TRACKING_DROP_WINDOW}])) > 0",
             for_="0m",
             severity="warning",
             summary="Embedding workers of {{ $labels.job }} dropped job-status writes",

@@ -12,7 +12,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from datetime import timedelta
-from importlib import metadata, resources
+from importlib import resources
 from typing import Any, TextIO
 
 from aiohttp import web
@@ -40,6 +40,7 @@ from jobs.model import Job, JobStatus
 from jobs.settings import Settings
 from jobs.store import JobStore
 from jobs.telemetry import Outcome
+from jobs.version import package_version
 from worker.consumer import Consumer
 from worker.health import create_meter_provider, tracking_snapshot, worker_id
 from worker.messages import JobMessage
@@ -153,14 +154,6 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--output", choices=OUTPUTS, default="table", help="table (default) or json")
     Settings.add_arguments(config, ALL_SECTIONS)
     return parser
-
-
-def package_version() -> str:
-    """The installed distribution's version."""
-    try:
-        return metadata.version("embedding-jobs")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 async def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
@@ -287,7 +280,8 @@ async def serve_exporter(
             check_listener(settings.otlp_host, settings.otlp_token)
             otlp_app = create_otlp_app(settings, span_metrics, registry, app[WORKER_HEALTH])
             otlp_url = await serve(_listening(otlp_app, settings.otlp_host, settings.otlp_port, "otlp"))
-            receiver = f"on {otlp_url}v1/traces and v1/metrics (OTLP token {_on_off(settings.otlp_token)})"
+            token = _on_off(settings.otlp_token)
+            receiver = f"on {otlp_url}v1/traces (OTLP token {token}), worker health on v1/metrics"
         else:
             receiver = "off (spans recorded in process)"
         # What an operator checks first when a scrape or a sender is refused, or when nothing should be open.

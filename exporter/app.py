@@ -11,9 +11,10 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, disable_created_metrics
+from prometheus_client import CollectorRegistry, Gauge, PlatformCollector, ProcessCollector, disable_created_metrics
 
 from exporter import api, exposition, otlp, status_page
+from exporter import metrics as m
 from exporter.auth import TokenAuth, check_bearer
 from exporter.errors import error_response
 from exporter.keys import AUTH, ENQUEUE, REGISTRY, SCRAPE, SETTINGS, SPAN_METRICS, STATE, STORE, WORKER_HEALTH
@@ -27,6 +28,7 @@ from jobs.lease import Lease
 from jobs.model import Job
 from jobs.settings import Settings
 from jobs.store import JobStore
+from jobs.version import package_version
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT = 2.0
@@ -51,6 +53,7 @@ def create_app(
     # `_created` series double the cost of every counter and histogram and nothing here reads them.
     disable_created_metrics()  # type: ignore[no-untyped-call]
     registry = registry if registry is not None else exposition.ExporterRegistry()
+    _register_runtime(registry)
     app = web.Application()
     app.on_response_prepare.append(_no_sniffing)
     app[SETTINGS] = settings
@@ -89,6 +92,14 @@ def create_app(
     api.setup(app)
     status_page.setup(app)
     return app
+
+
+def _register_runtime(registry: CollectorRegistry) -> None:
+    """The process (CPU, memory, open files, start time), the Python platform and the build, on registry."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    build = Gauge(m.BUILD_INFO, m.BUILD_INFO_HELP, ["version"], registry=registry)
+    build.labels(package_version()).set(1)
 
 
 def create_otlp_app(

@@ -56,7 +56,14 @@ TENANTS_FOLDED_HELP: Final = (
 TENANTS_EVICTED: Final = "embedding_exporter_tenants_evicted"
 TENANTS_EVICTED_HELP: Final = "Tenants seen only in spans whose series were dropped to admit tenants the store knows."
 FORWARD_DROPPED: Final = "embedding_exporter_forward_dropped"
+# Reasons known in advance (zero from the start); upstream refusals add http_<status>.
+FORWARD_DROP_REASONS: Final = ("queue_full", "unreachable")
 FORWARD_SENT: Final = "embedding_exporter_forward_sent"
+
+BUILD_INFO: Final = "embedding_jobs_build_info"
+BUILD_INFO_HELP: Final = "Always 1; the version label says which release of embedding-jobs serves these metrics."
+# The base unit of the families measured in seconds, declared in OpenMetrics (`# UNIT`).
+SECONDS: Final = "seconds"
 
 OTHER_TENANT: Final = "__other__"
 UNKNOWN_TENANT: Final = "__unknown__"

@@ -110,6 +110,8 @@ def _forward_counters(app: web.Application) -> tuple[Counter, Counter]:
     dropped = Counter(
         m.FORWARD_DROPPED, "Span batches not forwarded upstream, by reason.", ["reason"], registry=registry
     )
+    for reason in m.FORWARD_DROP_REASONS:
+        dropped.labels(reason)
     return sent, dropped
 
 
