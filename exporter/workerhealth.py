@@ -36,9 +36,15 @@ class WorkerHealth(Collector):
     """Serves embedding_worker_tracking_* families from worker reports and in-process readers."""
 
     def __init__(
-        self, registry: CollectorRegistry | None, *, expiry: float = EXPIRY_SECONDS, max_workers: int = MAX_WORKERS
+        self,
+        registry: CollectorRegistry | None,
+        *,
+        expiry: float = EXPIRY_SECONDS,
+        max_workers: int = MAX_WORKERS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.expiry = expiry
+        self.clock = clock
         self.max_workers = max_workers
         self._reports: dict[str, tuple[float, dict[str, float]]] = {}
         self._readers: dict[str, Reader] = {}
@@ -51,9 +57,9 @@ class WorkerHealth(Collector):
         with self._lock:
             self._readers[worker] = read
 
-    def report(self, worker: str, values: Mapping[str, float], now: float | None = None) -> bool:
+    def report(self, worker: str, values: Mapping[str, float]) -> bool:
         """Take a reported reading; False when it was refused (too many workers reporting)."""
-        now = time.monotonic() if now is None else now
+        now = self.clock()
         known = set(attr.TRACKING_COUNTERS) | set(attr.TRACKING_GAUGES)
         kept = {k: float(v) for k, v in values.items() if k in known and math.isfinite(v) and 0 <= v <= _MAX_VALUE}
         with self._lock:
@@ -73,7 +79,7 @@ class WorkerHealth(Collector):
     def readings(self) -> dict[str, dict[str, float]]:
         """The current reading of every worker, reported or read now."""
         with self._lock:
-            self._expire(time.monotonic())
+            self._expire(self.clock())
             out = {worker: dict(values) for worker, (_, values) in self._reports.items()}
             readers = list(self._readers.items())
         for worker, read in readers:

@@ -12,12 +12,28 @@ import sys
 from pathlib import Path
 
 import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from google.protobuf import json_format
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from prometheus_client import CollectorRegistry
+from pytest_aiohttp.plugin import AiohttpClient
 
+from exporter.app import create_app
+from exporter.workerhealth import WorkerHealth
+from jobs import telemetry as attr
+from jobs.settings import Settings
+from jobs.sqlite_store import SQLiteJobStore
 from tests.components import free_port, wait_until
 from tests.conftest import CosmosDatabase
 from tests.test_cli import cli_env, run_cli
 from tests.test_cli_cosmos import cosmos_env
 from tests.test_exporter_process import exporter_process, samples
+from tests.test_metrics import receiver_of
+
+Client = TestClient[web.Request, web.Application]
+PROTOBUF = {"Content-Type": "application/x-protobuf"}
 
 JOB_CONTAINER = "embedding-jobs"
 BUFFER = 5
@@ -124,3 +140,72 @@ async def test_up_serves_its_worker_tracking_health_from_zero(tmp_path: Path) ->
     finally:
         up.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(up.wait(), 20) == 0
+
+
+def tracking_request(worker: str, **values: int) -> ExportMetricsServiceRequest:
+    """A metrics export as the worker's SDK sends it: counters as cumulative sums, the buffer as a gauge."""
+    export = ExportMetricsServiceRequest()
+    resource = export.resource_metrics.add()
+    resource.resource.attributes.add(key=attr.SERVICE_INSTANCE_ID, value=AnyValue(string_value=worker))
+    scope = resource.scope_metrics.add()
+    scope.metrics.add(name="http.client.duration").gauge.data_points.add(as_double=3.5)
+    for name, value in values.items():
+        metric = scope.metrics.add(name=attr.TRACKING_METRIC_PREFIX + name)
+        if name in attr.TRACKING_GAUGES:
+            metric.gauge.data_points.add(as_int=value)
+        else:
+            metric.sum.is_monotonic = True
+            metric.sum.data_points.add(as_int=value)
+    return export
+
+
+async def test_metrics_receiver_takes_worker_reports_and_refuses_bad_ones(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    async with await SQLiteJobStore.open(tmp_path / "jobs.db") as store:
+        app = create_app(Settings(metrics_cache_ttl=0, otlp_token="s3cret"), store)
+        client = await aiohttp_client(app)
+        receiver = await receiver_of(aiohttp_client, app)
+        body = tracking_request("pod-a:1", dropped_writes=4, buffered_writes=10_000).SerializeToString()
+        denied = await receiver.post("/v1/metrics", data=body, headers=PROTOBUF)
+        assert denied.status == 401
+        auth = {**PROTOBUF, "Authorization": "Bearer s3cret"}
+        assert (await receiver.post("/v1/metrics", data=b"\xff\x00garbage", headers=auth)).status == 400
+        assert (await receiver.post("/v1/metrics", data=body, headers=auth)).status == 200
+        as_json = json_format.MessageToJson(tracking_request("pod-b:1", store_failures=2))
+        headers = {"Content-Type": "application/json", "Authorization": "Bearer s3cret"}
+        assert (await receiver.post("/v1/metrics", data=as_json, headers=headers)).status == 200
+        text = await scrape_client(client)
+    assert by_worker(text, "dropped_writes_total") == {"pod-a:1": 4, "pod-b:1": 0}
+    assert by_worker(text, "buffered_writes") == {"pod-a:1": 10_000, "pod-b:1": 0}
+    assert by_worker(text, "store_failures_total") == {"pod-a:1": 0, "pod-b:1": 2}
+    assert "http_client" not in text
+
+
+async def scrape_client(client: Client) -> str:
+    response = await client.get("/metrics")
+    assert response.status == 200
+    return await response.text()
+
+
+def test_silent_workers_expire_and_the_number_of_workers_is_bounded() -> None:
+    registry = CollectorRegistry()
+    now = [0.0]
+    health = WorkerHealth(registry, expiry=60, max_workers=2, clock=lambda: now[0])
+    assert health.report("a", {"dropped_writes": 1})
+    now[0] = 30
+    assert health.report("b", {"dropped_writes": float("nan"), "replayed_writes": 3})
+    now[0] = 40
+    assert not health.report("c", {"dropped_writes": 1})
+    assert registry.get_sample_value(PREFIX + "dropped_writes_total", {"worker": "a"}) == 1
+    # A NaN is not kept: b's dropped writes stay at 0.
+    assert registry.get_sample_value(PREFIX + "dropped_writes_total", {"worker": "b"}) == 0
+    assert registry.get_sample_value(PREFIX + "replayed_writes_total", {"worker": "b"}) == 3
+    # a fell silent for more than a minute: its series go, and c takes its place.
+    now[0] = 61
+    assert health.report("c", {"dropped_writes": 1})
+    assert {labels["worker"] for labels in _worker_labels(registry)} == {"b", "c"}
+
+
+def _worker_labels(registry: CollectorRegistry) -> list[dict[str, str]]:
+    return [s.labels for family in registry.collect() for s in family.samples if "worker" in s.labels]
