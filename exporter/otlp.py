@@ -2,9 +2,10 @@
 metrics (`POST /v1/metrics`) bring the worker's tracking health (exporter/workerhealth.py).
 
 Accepts protobuf and JSON encodings, gzip or identity, as the OTLP/HTTP specification
-describes; answers with an ExportTraceServiceResponse, and with a google.rpc.Status body on
-errors. Received batches may be forwarded to an upstream OTLP endpoint through a bounded
-queue; batches that do not fit, or that upstream refuses, are counted as dropped.
+describes; answers with an Export{Trace,Metrics}ServiceResponse, and with a google.rpc.Status
+body on errors. Received span batches may be forwarded to an upstream OTLP endpoint through a
+bounded queue; batches that do not fit, or that upstream refuses, are counted as dropped. Of
+metrics, only the worker's tracking instruments are read; the rest are ignored.
 
 The receiver is served on a listener of its own, on loopback by default: in a pod only the
 worker beside it can reach it. A bearer token admits senders from elsewhere, and listening
