@@ -387,12 +387,35 @@ def alerting_rules(params: RuleParams) -> list[dict[str, object]]:
     ]
 
 
+# A dropped tracking write is never repaired by itself; the window only decides how long the alert
+# stays up after the last drop (worker reports arrive every 10 s, scrapes every 15-60 s).
+TRACKING_DROP_WINDOW: Final = "10m"
+
+
+def tracking_alerts(params: RuleParams) -> list[dict[str, object]]:
+    """The worker's job tracking: status writes it gave up on (exporter/workerhealth.py)."""
+    return [
+        _alert(
+            params,
+            "EmbeddingWorkerTrackingWritesDropped",
+            f"sum by (job) (increase(embedding_worker_tracking_dropped_writes_total[{TRACKING_DROP_WINDOW}])) > 0",
+            for_="0m",
+            severity="warning",
+            summary="Embedding workers of {{ $labels.job }} dropped job-status writes",
+            description="Job {{ $labels.job }}: workers gave up {{ $value | humanize }} job-status write(s) in the "
+            f"last {TRACKING_DROP_WINDOW} (tracking buffer full, or the store refused them). Job records and "
+            "per-tenant counts are wrong until `embedding-jobs recount` runs after the store recovers.",
+            tenant=False,
+        )
+    ]
+
+
 def rule_groups(params: RuleParams) -> dict[str, object]:
     """The rule file's document: one group of recording rules, one of alerts."""
     return {
         "groups": [
             {"name": "embedding-jobs.rules", "rules": recording_rules(params)},
-            {"name": "embedding-jobs.alerts", "rules": alerting_rules(params)},
+            {"name": "embedding-jobs.alerts", "rules": alerting_rules(params) + tracking_alerts(params)},
         ]
     }
 
