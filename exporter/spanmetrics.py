@@ -92,6 +92,7 @@ class SpanMetrics(Collector):
             raise ValueError(f"detail must be one of {', '.join(m.DETAIL_LEVELS)}; got {detail!r}")
         self.tenants = tenants or TenantLimiter(tenant_limit)
         self.tenants.on_evict(self._evict)
+        self.tenants.on_admit_known(self._zero_initialise)
         self.by_outcome = detail == "full"
         self.duration_buckets = m.DURATION_BUCKETS_FULL if self.by_outcome else m.DURATION_BUCKETS
         self.wait_buckets = m.QUEUE_WAIT_BUCKETS_FULL if self.by_outcome else m.QUEUE_WAIT_BUCKETS
@@ -174,6 +175,15 @@ class SpanMetrics(Collector):
                 counted += 1
             self._received[source_index] += counted
         return counted
+
+    def _zero_initialise(self, tenants: list[str]) -> None:
+        # Counters a tenant has before its first span: an alert then sees 0 -> 1 on its first
+        # dead-letter. Only tenants the store knows, within the label limit, so the series budget
+        # holds; followers never read the store, and the rules count a series' appearance instead.
+        with self._lock:
+            for name in tenants:
+                if name not in self._series:
+                    self._series[name] = _Tenant(*self._shape, len(self.wait_buckets) + 1)
 
     def _evict(self, tenant: str) -> None:
         with self._lock:
