@@ -291,7 +291,7 @@ def test_a_new_tenants_first_dead_letter_alerts_and_too_few_jobs_do_not_page(sta
 
     # Its dead-lettered share is a number (1: its only finished job), not NaN, in both page windows,
     # and has been over the page threshold for several rule evaluations (1 s apart)...
-    ratio = "tenant:embedding_jobs_dead_lettered:ratio{window}{{tenant=\"{tenant}\"}}"
+    ratio = 'tenant:embedding_jobs_dead_lettered:ratio{window}{{tenant="{tenant}"}}'
     short = ratio.format(window="10s", tenant=NEW_TENANT)
     long = ratio.format(window="30s", tenant=NEW_TENANT)
     held = f"({short} > 0.144) and ({long} > 0.144) and (count_over_time({short}[10s]) >= 4)"
@@ -303,4 +303,3 @@ def test_a_new_tenants_first_dead_letter_alerts_and_too_few_jobs_do_not_page(sta
     burn = f'ALERTS{{alertname="EmbeddingJobsErrorBudgetBurnFast", tenant="{NEW_TENANT}"}}'
     assert prometheus.query(burn) == []
     assert webhook.find("firing", alertname="EmbeddingJobsErrorBudgetBurnFast", tenant=NEW_TENANT) is None
-
