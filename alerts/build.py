@@ -86,6 +86,8 @@ class RuleParams:
     attempt_for: str = "15m"
     min_attempts: int = 20
     dead_letter_window: str = "15m"
+    # A counter series without a sample in this long before a window is new in it (see `counted`).
+    appearance_lookback: str = "1h"
     # The exporter only counts a job as stuck past its --stuck-after (15 min by default).
     stuck_for: str = "5m"
     stall_window: str = "15m"
@@ -238,12 +240,13 @@ def counted(params: RuleParams, matchers: str, window: str, *, metric: str = ATT
     """Per series, what a counter counted over window, its first value included when it is new in the window.
 
     A series first scraped at 1 (a tenant's first attempt on an exporter that had no zero series
-    for it, or a restarted pod) has increase() 0: a series absent a window ago counts its value instead.
+    for it, or a new pod) has increase() 0: a series absent before the window counts its value instead.
     """
     series = metric + params.matchers(matchers)
-    # An old series without two samples in the window (a scrape gap) counts nothing, never its total.
-    old = f"(increase({series}[{window}]) and {series} offset {window})"
-    return f"{old}\n  or\n  ({series} unless {series} offset {window})"
+    # A series is new when it had no sample in the hour before the window: a scrape gap shorter
+    # than that never makes an old series count its whole total.
+    before = f"present_over_time({series}[{params.appearance_lookback}] offset {window})"
+    return f"(increase({series}[{window}]) and {before})\n  or\n  ({series} unless {before})"
 
 
 def _counted_sum(params: RuleParams, matchers: str, window: str, *labels: str) -> str:

@@ -8,17 +8,17 @@
       tenant:embedding_job_attempts:increase5m
     "expr": |-
       sum by (tenant, __EMBEDDING_JOBS_GROUP_BY__) (
-        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__}[5m]) and embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__} offset 5m)
+        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__}[5m]) and present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__}[1h] offset 5m))
         or
-        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__} unless embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__} offset 5m)
+        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__} unless present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__}[1h] offset 5m))
       )
   - "record": |-
       tenant:embedding_job_attempt_errors:ratio_rate5m
     "expr": |-
       sum by (tenant, __EMBEDDING_JOBS_GROUP_BY__) (
-        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"failed|dead_lettered"}[5m]) and embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"failed|dead_lettered"} offset 5m)
+        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"failed|dead_lettered"}[5m]) and present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"failed|dead_lettered"}[1h] offset 5m))
         or
-        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"failed|dead_lettered"} unless embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"failed|dead_lettered"} offset 5m)
+        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"failed|dead_lettered"} unless present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"failed|dead_lettered"}[1h] offset 5m))
       )
       /
       (tenant:embedding_job_attempts:increase5m > 0)
@@ -26,17 +26,17 @@
       tenant:embedding_job_attempts:increase1h
     "expr": |-
       sum by (tenant, __EMBEDDING_JOBS_GROUP_BY__) (
-        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__}[1h]) and embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__} offset 1h)
+        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__}[1h]) and present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__}[1h] offset 1h))
         or
-        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__} unless embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__} offset 1h)
+        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__} unless present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__}[1h] offset 1h))
       )
   - "record": |-
       tenant:embedding_job_attempt_errors:ratio_rate1h
     "expr": |-
       sum by (tenant, __EMBEDDING_JOBS_GROUP_BY__) (
-        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"failed|dead_lettered"}[1h]) and embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"failed|dead_lettered"} offset 1h)
+        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"failed|dead_lettered"}[1h]) and present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"failed|dead_lettered"}[1h] offset 1h))
         or
-        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"failed|dead_lettered"} unless embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"failed|dead_lettered"} offset 1h)
+        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"failed|dead_lettered"} unless present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"failed|dead_lettered"}[1h] offset 1h))
       )
       /
       (tenant:embedding_job_attempts:increase1h > 0)
@@ -44,17 +44,17 @@
       tenant:embedding_jobs_finished:increase5m
     "expr": |-
       sum by (tenant, __EMBEDDING_JOBS_GROUP_BY__) (
-        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"}[5m]) and embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"} offset 5m)
+        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"}[5m]) and present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"}[1h] offset 5m))
         or
-        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"} unless embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"} offset 5m)
+        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"} unless present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"}[1h] offset 5m))
       )
   - "record": |-
       tenant:embedding_jobs_dead_lettered:ratio5m
     "expr": |-
       sum by (tenant, __EMBEDDING_JOBS_GROUP_BY__) (
-        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"}[5m]) and embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"} offset 5m)
+        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"}[5m]) and present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"}[1h] offset 5m))
         or
-        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"} unless embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"} offset 5m)
+        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"} unless present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"}[1h] offset 5m))
       )
       /
       (tenant:embedding_jobs_finished:increase5m > 0)
@@ -62,17 +62,17 @@
       tenant:embedding_jobs_finished:increase30m
     "expr": |-
       sum by (tenant, __EMBEDDING_JOBS_GROUP_BY__) (
-        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"}[30m]) and embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"} offset 30m)
+        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"}[30m]) and present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"}[1h] offset 30m))
         or
-        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"} unless embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"} offset 30m)
+        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"} unless present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"}[1h] offset 30m))
       )
   - "record": |-
       tenant:embedding_jobs_dead_lettered:ratio30m
     "expr": |-
       sum by (tenant, __EMBEDDING_JOBS_GROUP_BY__) (
-        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"}[30m]) and embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"} offset 30m)
+        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"}[30m]) and present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"}[1h] offset 30m))
         or
-        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"} unless embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"} offset 30m)
+        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"} unless present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"}[1h] offset 30m))
       )
       /
       (tenant:embedding_jobs_finished:increase30m > 0)
@@ -80,17 +80,17 @@
       tenant:embedding_jobs_finished:increase1h
     "expr": |-
       sum by (tenant, __EMBEDDING_JOBS_GROUP_BY__) (
-        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"}[1h]) and embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"} offset 1h)
+        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"}[1h]) and present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"}[1h] offset 1h))
         or
-        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"} unless embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"} offset 1h)
+        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"} unless present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"}[1h] offset 1h))
       )
   - "record": |-
       tenant:embedding_jobs_dead_lettered:ratio1h
     "expr": |-
       sum by (tenant, __EMBEDDING_JOBS_GROUP_BY__) (
-        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"}[1h]) and embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"} offset 1h)
+        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"}[1h]) and present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"}[1h] offset 1h))
         or
-        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"} unless embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"} offset 1h)
+        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"} unless present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"}[1h] offset 1h))
       )
       /
       (tenant:embedding_jobs_finished:increase1h > 0)
@@ -98,17 +98,17 @@
       tenant:embedding_jobs_finished:increase2h
     "expr": |-
       sum by (tenant, __EMBEDDING_JOBS_GROUP_BY__) (
-        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"}[2h]) and embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"} offset 2h)
+        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"}[2h]) and present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"}[1h] offset 2h))
         or
-        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"} unless embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"} offset 2h)
+        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"} unless present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"}[1h] offset 2h))
       )
   - "record": |-
       tenant:embedding_jobs_dead_lettered:ratio2h
     "expr": |-
       sum by (tenant, __EMBEDDING_JOBS_GROUP_BY__) (
-        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"}[2h]) and embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"} offset 2h)
+        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"}[2h]) and present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"}[1h] offset 2h))
         or
-        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"} unless embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"} offset 2h)
+        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"} unless present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"}[1h] offset 2h))
       )
       /
       (tenant:embedding_jobs_finished:increase2h > 0)
@@ -116,17 +116,17 @@
       tenant:embedding_jobs_finished:increase6h
     "expr": |-
       sum by (tenant, __EMBEDDING_JOBS_GROUP_BY__) (
-        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"}[6h]) and embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"} offset 6h)
+        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"}[6h]) and present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"}[1h] offset 6h))
         or
-        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"} unless embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"} offset 6h)
+        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"} unless present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"}[1h] offset 6h))
       )
   - "record": |-
       tenant:embedding_jobs_dead_lettered:ratio6h
     "expr": |-
       sum by (tenant, __EMBEDDING_JOBS_GROUP_BY__) (
-        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"}[6h]) and embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"} offset 6h)
+        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"}[6h]) and present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"}[1h] offset 6h))
         or
-        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"} unless embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"} offset 6h)
+        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"} unless present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"}[1h] offset 6h))
       )
       /
       (tenant:embedding_jobs_finished:increase6h > 0)
@@ -134,17 +134,17 @@
       tenant:embedding_jobs_finished:increase1d
     "expr": |-
       sum by (tenant, __EMBEDDING_JOBS_GROUP_BY__) (
-        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"}[1d]) and embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"} offset 1d)
+        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"}[1d]) and present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"}[1h] offset 1d))
         or
-        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"} unless embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"} offset 1d)
+        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"} unless present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"}[1h] offset 1d))
       )
   - "record": |-
       tenant:embedding_jobs_dead_lettered:ratio1d
     "expr": |-
       sum by (tenant, __EMBEDDING_JOBS_GROUP_BY__) (
-        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"}[1d]) and embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"} offset 1d)
+        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"}[1d]) and present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"}[1h] offset 1d))
         or
-        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"} unless embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"} offset 1d)
+        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"} unless present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"}[1h] offset 1d))
       )
       /
       (tenant:embedding_jobs_finished:increase1d > 0)
@@ -152,17 +152,17 @@
       tenant:embedding_jobs_finished:increase3d
     "expr": |-
       sum by (tenant, __EMBEDDING_JOBS_GROUP_BY__) (
-        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"}[3d]) and embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"} offset 3d)
+        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"}[3d]) and present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"}[1h] offset 3d))
         or
-        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"} unless embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"} offset 3d)
+        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"} unless present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome=~"completed|dead_lettered"}[1h] offset 3d))
       )
   - "record": |-
       tenant:embedding_jobs_dead_lettered:ratio3d
     "expr": |-
       sum by (tenant, __EMBEDDING_JOBS_GROUP_BY__) (
-        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"}[3d]) and embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"} offset 3d)
+        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"}[3d]) and present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"}[1h] offset 3d))
         or
-        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"} unless embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"} offset 3d)
+        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"} unless present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"}[1h] offset 3d))
       )
       /
       (tenant:embedding_jobs_finished:increase3d > 0)
@@ -263,9 +263,9 @@
       EmbeddingJobsDeadLettered
     "expr": |-
       sum by (tenant, __EMBEDDING_JOBS_GROUP_BY__) (
-        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"}[15m]) and embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"} offset 15m)
+        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"}[15m]) and present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"}[1h] offset 15m))
         or
-        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"} unless embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"} offset 15m)
+        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"} unless present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="dead_lettered"}[1h] offset 15m))
       ) > 0
     "labels":
       "severity": |-
@@ -321,9 +321,9 @@
       max by (queue, __EMBEDDING_JOBS_GROUP_BY__) (embedding_queue_messages{__EMBEDDING_JOBS_SELECTOR__, state="active"}) > 0
       unless on (__EMBEDDING_JOBS_GROUP_BY__)
       sum by (__EMBEDDING_JOBS_GROUP_BY__) (
-        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="completed"}[15m]) and embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="completed"} offset 15m)
+        (increase(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="completed"}[15m]) and present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="completed"}[1h] offset 15m))
         or
-        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="completed"} unless embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="completed"} offset 15m)
+        (embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="completed"} unless present_over_time(embedding_job_attempts_total{__EMBEDDING_JOBS_SELECTOR__, outcome="completed"}[1h] offset 15m))
       ) > 0
     "for": |-
       5m

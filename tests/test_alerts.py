@@ -93,7 +93,8 @@ def test_every_counter_read_counts_a_new_series_value() -> None:
         expr = str(rule["expr"])
         for match in re.finditer(r"increase\((embedding_job_attempts_total\{[^}]*\})\[(\w+)\]\)", expr):
             series, window = match.groups()
-            assert f"({series} unless {series} offset {window})" in expr, rule.get("record") or rule.get("alert")
+            before = f"present_over_time({series}[1h] offset {window})"
+            assert f"({series} unless {before})" in expr, rule.get("record") or rule.get("alert")
 
 
 def test_every_selector_carries_the_deployment_selector_and_every_aggregation_its_labels() -> None:
