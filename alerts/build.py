@@ -249,8 +249,8 @@ def counted(params: RuleParams, matchers: str, window: str, *, metric: str = ATT
     return f"(increase({series}[{window}]) and {before})\n  or\n  ({series} unless {before})"
 
 
-def _counted_sum(params: RuleParams, matchers: str, window: str, *labels: str) -> str:
-    return f"sum by {params.by(*labels)} (\n  {counted(params, matchers, window)}\n)"
+def _counted_sum(params: RuleParams, matchers: str, window: str, *labels: str, metric: str = ATTEMPTS) -> str:
+    return f"sum by {params.by(*labels)} (\n  {counted(params, matchers, window, metric=metric)}\n)"
 
 
 def recording_rules(params: RuleParams) -> list[dict[str, object]]:
@@ -520,12 +520,37 @@ def alerting_rules(params: RuleParams) -> list[dict[str, object]]:
     ]
 
 
+# A dropped tracking write is never repaired by itself; the window only decides how long the alert
+# stays up after the last drop (worker reports arrive every 10 s, scrapes every 15-60 s).
+TRACKING_DROP_WINDOW: Final = "10m"
+
+
+def tracking_alerts(params: RuleParams) -> list[dict[str, object]]:
+    """The worker's job tracking: status writes it gave up on (exporter/workerhealth.py)."""
+    return [
+        _alert(
+            params,
+            "EmbeddingWorkerTrackingWritesDropped",
+            # Counted like the attempts: a worker whose first report already holds drops is seen.
+            _counted_sum(params, "", TRACKING_DROP_WINDOW, metric="embedding_worker_tracking_dropped_writes_total")
+            + " > 0",
+            for_="0m",
+            severity="warning",
+            summary="Embedding workers of {{ $labels.job }} dropped job-status writes",
+            description="Job {{ $labels.job }}: workers gave up {{ $value | humanize }} job-status write(s) in the "
+            f"last {TRACKING_DROP_WINDOW} (tracking buffer full, or the store refused them). Job records and "
+            "per-tenant counts are wrong until `embedding-jobs recount` runs after the store recovers.",
+            tenant=False,
+        )
+    ]
+
+
 def rule_groups(params: RuleParams) -> dict[str, object]:
     """The rule file's document: one group of recording rules, one of alerts."""
     return {
         "groups": [
             {"name": "embedding-jobs.rules", "rules": recording_rules(params)},
-            {"name": "embedding-jobs.alerts", "rules": alerting_rules(params)},
+            {"name": "embedding-jobs.alerts", "rules": alerting_rules(params) + tracking_alerts(params)},
         ]
     }
 

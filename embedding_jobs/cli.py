@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from datetime import timedelta
 from importlib import resources
 from typing import Any, TextIO
@@ -30,25 +30,31 @@ from embedding_jobs.backends import (
 )
 from exporter.app import create_app, create_otlp_app
 from exporter.exposition import ExporterRegistry
+from exporter.keys import WORKER_HEALTH
 from exporter.otlp import check_listener
 from exporter.spanmetrics import MetricsSpanProcessor, SpanMetrics
+from exporter.workerhealth import WorkerHealth
 from jobs.errors import JobError
 from jobs.logs import configure_logging
 from jobs.model import Job, JobStatus
 from jobs.settings import Settings
 from jobs.store import JobStore
 from jobs.telemetry import Outcome
+from jobs.version import package_version
 from worker.consumer import Consumer
+from worker.health import create_meter_provider, tracking_snapshot, worker_id
 from worker.messages import JobMessage
 from worker.producer import Producer, ingest_shard
 from worker.queue import QueueError
 from worker.reconciler import reconcile_dead_letters, reconcile_forever
 from worker.sources import Rejected, read_shards
 from worker.tracing import create_tracer_provider, get_tracer
+from worker.tracker import JobTracker
 
 log = logging.getLogger("embedding_jobs")
 SAMPLE = "sample/shards.jsonl"
 ALL_SECTIONS = ("store", "queue", "embedder", "worker", "exporter")
+OUTPUTS = ("table", "json")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -79,12 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Embedding-generation jobs with per-tenant status tracking and observability. "
         "Every setting can also come from an EMBEDDING_JOBS_* environment variable.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
     def add(name: str, fn: Callable[..., Any], help: str, sections: Sequence[str]) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help, description=help)
+        # A command's --help shows its own arguments and only the names of the settings it reads: the
+        # descriptions of all of them (about 50) would bury the command. `config --help` has those.
+        epilog = (
+            "settings it reads, each also an EMBEDDING_JOBS_* variable\n"
+            f"(`embedding-jobs config --help` describes each, with its default):\n{Settings.flags_summary(sections)}"
+        )
+        sub = commands.add_parser(
+            name, help=help, description=help, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         sub.set_defaults(command=fn)
-        Settings.add_arguments(sub, sections)
+        Settings.add_arguments(sub, sections, describe=False)
         return sub
 
     ingest = add("ingest", cmd_ingest, "save shards and enqueue a job for each new or changed one", ALL_SECTIONS)
@@ -104,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--tenant", help="tenant id (required for list)")
     jobs.add_argument("--status", choices=[s.value for s in JobStatus], help="only jobs in this status")
     jobs.add_argument("--limit", type=int, default=20, help="jobs to show (default 20)")
+    jobs.add_argument(
+        "--output",
+        choices=OUTPUTS,
+        default="table",
+        help="table (default), or json: stats as one object by tenant, list as one job per line",
+    )
 
     add("init-db", cmd_init_db, "create the Cosmos DB database and containers (idempotent)", ["store"])
     feeder = add("feeder", cmd_feeder, "enqueue a job for every new or changed shard in the shard store", ALL_SECTIONS)
@@ -123,6 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("recount", cmd_recount, "rebuild per-tenant counters from the job records", ["store"])
     purge = add("purge", cmd_purge, "delete finished jobs older than the retention", ["store"])
     purge.add_argument("--older-than-hours", type=float, help="defaults to --retention-hours")
+    config = commands.add_parser(
+        "config",
+        help="show the effective settings (secrets masked); --help describes every setting",
+        description="Show the effective settings, from flags, EMBEDDING_JOBS_* variables and defaults; "
+        "secrets show only whether they are set.",
+    )
+    config.set_defaults(command=cmd_config)
+    config.add_argument("--output", choices=OUTPUTS, default="table", help="table (default) or json")
+    Settings.add_arguments(config, ALL_SECTIONS)
     return parser
 
 
@@ -162,12 +192,16 @@ async def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     """Local all-in-one: exporter, ingest, work the queue, show a per-tenant summary."""
     registry = ExporterRegistry()
     span_metrics = SpanMetrics(registry, tenant_limit=settings.tenant_label_limit, detail=settings.metrics_detail)
+    worker_health = WorkerHealth(registry)
     # The only exporter of this store, whatever the role setting says.
     exporter_settings = settings.with_changes(state_role="always")
-    # Spans reach the metrics through an in-process processor: no OTLP receiver, no hop.
+    # Spans reach the metrics through an in-process processor, and the tracker's health is read at
+    # each scrape: no OTLP receiver, no hop.
     async with (
         open_backends(settings) as backends,
-        serve_exporter(exporter_settings, backends, registry, span_metrics, receive_otlp=False) as url,
+        serve_exporter(
+            exporter_settings, backends, registry, span_metrics, receive_otlp=False, worker_health=worker_health
+        ) as url,
     ):
         print(f"status page and API: {url}  metrics: {url}metrics", file=sys.stderr)
         if args.ingest:
@@ -181,6 +215,7 @@ async def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
             exit_when_idle=args.exit_when_idle,
             out=sys.stderr,
             processors=[MetricsSpanProcessor(span_metrics)],
+            on_tracker=lambda tracker: worker_health.add_reader(worker_id(), lambda: tracking_snapshot(tracker)),
             watch=True,
             on_idle=lambda: print_summary(backends.store, sys.stdout),
         )
@@ -214,6 +249,7 @@ async def serve_exporter(
     span_metrics: SpanMetrics,
     *,
     receive_otlp: bool,
+    worker_health: WorkerHealth | None = None,
 ) -> AsyncIterator[str]:
     """Run the exporter app, and the OTLP receiver if asked, on their configured addresses; yield the app's URL."""
     producer = Producer(backends.store, backends.queue, get_tracer())
@@ -235,15 +271,17 @@ async def serve_exporter(
         depth_source=depth,
         enqueue=enqueue,
         lease=backends.state_lease,
+        worker_health=worker_health,
     )
     async with contextlib.AsyncExitStack() as stack:
         serve = stack.enter_async_context
         url = await serve(_listening(app, settings.exporter_host, settings.exporter_port, "exporter"))
         if receive_otlp:
             check_listener(settings.otlp_host, settings.otlp_token)
-            otlp_app = create_otlp_app(settings, span_metrics, registry)
+            otlp_app = create_otlp_app(settings, span_metrics, registry, app[WORKER_HEALTH])
             otlp_url = await serve(_listening(otlp_app, settings.otlp_host, settings.otlp_port, "otlp"))
-            receiver = f"on {otlp_url}v1/traces (OTLP token {_on_off(settings.otlp_token)})"
+            token = _on_off(settings.otlp_token)
+            receiver = f"on {otlp_url}v1/traces (OTLP token {token}), worker health on v1/metrics"
         else:
             receiver = "off (spans recorded in process)"
         # What an operator checks first when a scrape or a sender is refused, or when nothing should be open.
@@ -271,8 +309,12 @@ async def _listening(app: web.Application, host: str, port: int, flag: str) -> A
         site = web.TCPSite(runner, host, port)
         try:
             await site.start()
-        except OSError as exc:
-            raise ValueError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --{flag}-port") from exc
+        # An address the resolver refuses may raise UnicodeError (a ValueError) or OverflowError.
+        except (OSError, ValueError, OverflowError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ValueError(
+                f"cannot listen on {host}:{port} ({reason}); choose another --{flag}-host or --{flag}-port"
+            ) from exc
         bound_host, bound_port = runner.addresses[0][:2]
         yield f"http://{bound_host}:{bound_port}/"
     finally:
@@ -286,12 +328,16 @@ async def _work(
     exit_when_idle: bool,
     out: TextIO,
     processors: Sequence[SpanProcessor] = (),
+    on_tracker: Callable[[JobTracker], None] | None = None,
     watch: bool = False,
     on_idle: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     # First: it adopts the spooled writes of workers that died here, and may refuse the data dir.
     tracker = build_tracker(settings, backends.store)
+    if on_tracker is not None:
+        on_tracker(tracker)
     provider = create_tracer_provider("embedding-jobs-worker", settings.otlp_endpoint, processors, settings.otlp_token)
+    meters = create_meter_provider(tracker, "embedding-jobs-worker", settings.otlp_endpoint, settings.otlp_token)
     embedder = build_embedder(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -324,6 +370,9 @@ async def _work(
             loop.remove_signal_handler(sig)
         await embedder.close()
         provider.shutdown()
+        if meters is not None:
+            # After the tracker's last flush: the final export carries the final counts.
+            meters.shutdown()
 
 
 async def _watch(
@@ -365,32 +414,61 @@ async def _watch(
 
 async def print_summary(store: JobStore, out: TextIO) -> None:
     """A per-tenant table of job counts."""
-    stats = await store.stats_all()
+    print(file=out)
+    print_stats(await store.stats_all(), out)
+
+
+def print_stats(stats: Mapping[str, Mapping[JobStatus, int]], out: TextIO) -> None:
+    """Job counts as a table: a row per tenant, a column per status."""
     columns = [s.value for s in JobStatus]
-    print(f"\n{'tenant':<20}" + "".join(f"{c:>15}" for c in columns), file=out)
+    print(f"{'tenant':<20}" + "".join(f"{c:>15}" for c in columns), file=out)
     for tenant in sorted(stats):
         print(f"{tenant:<20}" + "".join(f"{stats[tenant][JobStatus(c)]:>15}" for c in columns), file=out)
 
 
+def print_jobs(jobs: Sequence[Job], out: TextIO) -> None:
+    """A page of jobs as a table, newest first as the store lists them."""
+    print(f"{'id':<40} {'status':<14} {'retries':>7}  {'updated':<26} shard", file=out)
+    for job in jobs:
+        updated = job.updated_at.isoformat(timespec="seconds")
+        print(f"{job.id:<40} {job.status.value:<14} {job.retry_count:>7}  {updated:<26} {job.shard_id}", file=out)
+
+
 async def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
-    """Print job stats or a page of jobs."""
+    """Print job stats or a page of jobs, as a table or JSON (--output)."""
     store = await open_job_store(settings)
     try:
         if args.action == "stats":
-            if args.tenant:
-                print(json.dumps({args.tenant: {k.value: v for k, v in (await store.stats(args.tenant)).items()}}))
+            stats = {args.tenant: await store.stats(args.tenant)} if args.tenant else await store.stats_all()
+            if args.output == "json":
+                print(json.dumps({t: {k.value: v for k, v in s.items()} for t, s in sorted(stats.items())}))
             else:
-                await print_summary(store, sys.stdout)
+                print_stats(stats, sys.stdout)
             return 0
         if not args.tenant:
             raise ValueError("jobs list needs --tenant")
         status = JobStatus(args.status) if args.status else None
         page = await store.list(args.tenant, status=status, limit=args.limit)
-        for job in page.items:
-            print(json.dumps(job.to_json()))
+        if args.output == "json":
+            for job in page.items:
+                print(json.dumps(job.to_json()))
+        else:
+            print_jobs(page.items, sys.stdout)
         return 0
     finally:
         await store.close()
+
+
+async def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
+    """Print the effective settings with secrets masked."""
+    values = settings.redacted()
+    if args.output == "json":
+        print(json.dumps(values, default=str))
+    else:
+        width = max(map(len, values))
+        for name, value in values.items():
+            print(f"{name:<{width}}  {value}")
+    return 0
 
 
 async def cmd_init_db(settings: Settings, args: argparse.Namespace) -> int:

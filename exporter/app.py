@@ -11,21 +11,24 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, disable_created_metrics
+from prometheus_client import CollectorRegistry, Gauge, PlatformCollector, ProcessCollector, disable_created_metrics
 
 from exporter import api, exposition, otlp, status_page
+from exporter import metrics as m
 from exporter.auth import TokenAuth, check_bearer
 from exporter.errors import error_response
-from exporter.keys import AUTH, ENQUEUE, REGISTRY, SCRAPE, SETTINGS, SPAN_METRICS, STATE, STORE
+from exporter.keys import AUTH, ENQUEUE, REGISTRY, SCRAPE, SETTINGS, SPAN_METRICS, STATE, STORE, WORKER_HEALTH
 from exporter.leader import StateLeadership
 from exporter.scrape import ScrapeCache
 from exporter.spanmetrics import SpanMetrics
 from exporter.state import DepthSource, StateCollector
+from exporter.workerhealth import WorkerHealth
 from jobs.errors import StoreUnavailableError
 from jobs.lease import Lease
 from jobs.model import Job
 from jobs.settings import Settings
 from jobs.store import JobStore
+from jobs.version import package_version
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT = 2.0
@@ -40,14 +43,17 @@ def create_app(
     depth_source: DepthSource | None = None,
     enqueue: Callable[[Job], Awaitable[None]] | None = None,
     lease: Lease | None = None,
+    worker_health: WorkerHealth | None = None,
 ) -> web.Application:
     """Build the exporter app over store; pass span_metrics to share one with an in-process worker.
 
     lease is the state lease exporters sharing the store elect a state reader with (role "elect").
+    worker_health holds the tracking health of the workers reporting to this exporter.
     """
     # `_created` series double the cost of every counter and histogram and nothing here reads them.
     disable_created_metrics()  # type: ignore[no-untyped-call]
     registry = registry if registry is not None else exposition.ExporterRegistry()
+    _register_runtime(registry)
     app = web.Application()
     app.on_response_prepare.append(_no_sniffing)
     app[SETTINGS] = settings
@@ -57,6 +63,7 @@ def create_app(
     app[SPAN_METRICS] = span_metrics or SpanMetrics(
         registry, tenant_limit=settings.tenant_label_limit, detail=settings.metrics_detail
     )
+    app[WORKER_HEALTH] = worker_health or WorkerHealth(registry)
     leadership = StateLeadership(settings.state_role, lease)
     app[STATE] = StateCollector(
         store,
@@ -87,16 +94,32 @@ def create_app(
     return app
 
 
-def create_otlp_app(settings: Settings, span_metrics: SpanMetrics, registry: CollectorRegistry) -> web.Application:
-    """Build the OTLP receiver app: spans into span_metrics; the forwarder's counters into registry.
+def _register_runtime(registry: CollectorRegistry) -> None:
+    """The process (CPU, memory, open files, start time), the Python platform and the build, on registry."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    build = Gauge(m.BUILD_INFO, m.BUILD_INFO_HELP, ["version"], registry=registry)
+    build.labels(package_version()).set(1)
 
-    Pass the span_metrics and registry of the `create_app` app whose /metrics shows them.
+
+def create_otlp_app(
+    settings: Settings,
+    span_metrics: SpanMetrics,
+    registry: CollectorRegistry,
+    worker_health: WorkerHealth | None = None,
+) -> web.Application:
+    """Build the OTLP receiver app: spans into span_metrics, worker reports into worker_health; the
+    forwarder's counters into registry.
+
+    Pass the span_metrics, registry and worker_health of the `create_app` app whose /metrics shows them
+    (without worker_health, one is registered in registry).
     """
     app = web.Application(client_max_size=otlp.MAX_BODY_BYTES)
     app.on_response_prepare.append(_no_sniffing)
     app[SETTINGS] = settings
     app[REGISTRY] = registry
     app[SPAN_METRICS] = span_metrics
+    app[WORKER_HEALTH] = worker_health or WorkerHealth(registry)
     otlp.setup(app)
     return app
 

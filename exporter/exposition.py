@@ -127,11 +127,14 @@ def label_pairs(**labels: str) -> str:
     return ",".join(f'{name}="{_escape_label(value)}"' for name, value in labels.items())
 
 
-def header(out: list[str], name: str, help_text: str, kind: str, openmetrics: bool) -> None:
-    """The HELP and TYPE lines of a family (counters are named with _total in the text format)."""
+def header(out: list[str], name: str, help_text: str, kind: str, openmetrics: bool, unit: str = "") -> None:
+    """The HELP and TYPE lines of a family (counters are named with _total in the text format), and its
+    UNIT line in OpenMetrics."""
     if openmetrics:
         escaped = help_text.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
         out.append(f"# HELP {name} {escaped}\n# TYPE {name} {kind}\n")
+        if unit:
+            out.append(f"# UNIT {name} {unit}\n")
         return
     shown = name + "_total" if kind == "counter" else name
     escaped = help_text.replace("\\", r"\\").replace("\n", r"\n")

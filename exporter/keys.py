@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from exporter.scrape import ScrapeCache
     from exporter.spanmetrics import SpanMetrics
     from exporter.state import StateCollector
+    from exporter.workerhealth import WorkerHealth
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", JobStore)
@@ -26,6 +27,7 @@ AUTH: web.AppKey[TokenAuth] = web.AppKey("auth")
 STATE: web.AppKey[StateCollector] = web.AppKey("state")
 SPAN_METRICS: web.AppKey[SpanMetrics] = web.AppKey("span_metrics")
 SCRAPE: web.AppKey[ScrapeCache] = web.AppKey("scrape")
+WORKER_HEALTH: web.AppKey[WorkerHealth] = web.AppKey("worker_health")
 # Sends the message for a job put back to pending by the retry API; set by whoever wires a queue.
 ENQUEUE: web.AppKey[Callable[[Job], Awaitable[None]]] = web.AppKey("enqueue")
 # Store writes and sends of the retry API that outlive the request that started them.

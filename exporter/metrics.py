@@ -56,7 +56,14 @@ TENANTS_FOLDED_HELP: Final = (
 TENANTS_EVICTED: Final = "embedding_exporter_tenants_evicted"
 TENANTS_EVICTED_HELP: Final = "Tenants seen only in spans whose series were dropped to admit tenants the store knows."
 FORWARD_DROPPED: Final = "embedding_exporter_forward_dropped"
+# Reasons known in advance (zero from the start); upstream refusals add http_<status>.
+FORWARD_DROP_REASONS: Final = ("queue_full", "unreachable")
 FORWARD_SENT: Final = "embedding_exporter_forward_sent"
+
+BUILD_INFO: Final = "embedding_jobs_build_info"
+BUILD_INFO_HELP: Final = "Always 1; the version label says which release of embedding-jobs serves these metrics."
+# The base unit of the families measured in seconds, declared in OpenMetrics (`# UNIT`).
+SECONDS: Final = "seconds"
 
 OTHER_TENANT: Final = "__other__"
 UNKNOWN_TENANT: Final = "__unknown__"
@@ -80,3 +87,15 @@ QUEUE_WAIT_BUCKETS: Final = (0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 900.0,
 DURATION_BUCKETS_FULL: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 180.0, 300.0)
 QUEUE_WAIT_BUCKETS_FULL: Final = (*DURATION_BUCKETS_FULL, 600.0, 900.0, 1800.0, 3600.0)
 DETAIL_LEVELS: Final = ("compact", "full")
+
+# Worker tracking health (from the worker's OTLP metrics, or read in process by `up`), per worker
+# process: a few series per worker, none per tenant.
+WORKER_TRACKING: Final = "embedding_worker_tracking_"
+WORKER_TRACKING_HELP: Final = {
+    "store_failures": "Job-store calls by the worker's tracker that failed or timed out (probes included).",
+    "dropped_writes": "Job-status writes the worker gave up: the buffer was full, or the store refuses them. "
+    "Job records are wrong until `embedding-jobs recount`.",
+    "replayed_writes": "Buffered job-status writes replayed once the store answered.",
+    "adopted_writes": "Buffered job-status writes taken over at start from the spools of workers that died.",
+    "buffered_writes": "Job-status writes waiting in the worker's buffer for the job store to answer.",
+}

@@ -1,9 +1,11 @@
-"""OTLP/HTTP trace receiver (`POST /v1/traces`) feeding span metrics, with optional forwarding.
+"""OTLP/HTTP receiver: traces (`POST /v1/traces`) feed span metrics, with optional forwarding;
+metrics (`POST /v1/metrics`) bring the worker's tracking health (exporter/workerhealth.py).
 
 Accepts protobuf and JSON encodings, gzip or identity, as the OTLP/HTTP specification
-describes; answers with an ExportTraceServiceResponse, and with a google.rpc.Status body on
-errors. Received batches may be forwarded to an upstream OTLP endpoint through a bounded
-queue; batches that do not fit, or that upstream refuses, are counted as dropped.
+describes; answers with an Export{Trace,Metrics}ServiceResponse, and with a google.rpc.Status
+body on errors. Received span batches may be forwarded to an upstream OTLP endpoint through a
+bounded queue; batches that do not fit, or that upstream refuses, are counted as dropped. Of
+metrics, only the worker's tracking instruments are read; the rest are ignored.
 
 The receiver is served on a listener of its own, on loopback by default: in a pod only the
 worker beside it can reach it. A bearer token admits senders from elsewhere, and listening
@@ -23,8 +25,12 @@ import aiohttp
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from google.protobuf import json_format
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from google.rpc import status_pb2
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
+)
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -35,7 +41,7 @@ from prometheus_client import Counter
 
 from exporter import metrics as m
 from exporter.auth import check_bearer
-from exporter.keys import REGISTRY, SETTINGS, SPAN_METRICS
+from exporter.keys import REGISTRY, SETTINGS, SPAN_METRICS, WORKER_HEALTH
 from exporter.spanmetrics import JobSpan
 from jobs import strict_json
 from jobs import telemetry as attr
@@ -58,6 +64,8 @@ _WANTED = {attr.TENANT: 0, attr.OUTCOME: 1, attr.QUEUE_WAIT: 2, attr.VECTOR_COUN
 # Stands for an attribute of a type no metric accepts, so validation refuses the span.
 _INVALID = object()
 FORWARDER: web.AppKey[Forwarder] = web.AppKey("otlp_forwarder")
+# A worker's name comes from its sender: bounded like any label value taken from outside.
+_MAX_WORKER_NAME = 128
 
 
 def is_loopback(host: str) -> bool:
@@ -86,6 +94,7 @@ def check_listener(host: str, token: str) -> None:
 def setup(app: web.Application) -> None:
     """Add the receiver route and, when configured, the forwarder's lifecycle."""
     app.router.add_post("/v1/traces", receive_traces)
+    app.router.add_post("/v1/metrics", receive_metrics)
     settings = app[SETTINGS]
     if settings.forward_otlp_endpoint:
         app[FORWARDER] = Forwarder(
@@ -102,6 +111,8 @@ def _forward_counters(app: web.Application) -> tuple[Counter, Counter]:
     dropped = Counter(
         m.FORWARD_DROPPED, "Span batches not forwarded upstream, by reason.", ["reason"], registry=registry
     )
+    for reason in m.FORWARD_DROP_REASONS:
+        dropped.labels(reason)
     return sent, dropped
 
 
@@ -115,6 +126,56 @@ async def _run_forwarder(app: web.Application) -> AsyncIterator[None]:
 
 async def receive_traces(request: web.Request) -> web.Response:
     """Check the sender's token, decode an export request, record its job spans, forward it if configured."""
+    export = ExportTraceServiceRequest()
+    refused = await _read_export(request, export)
+    if refused is not None:
+        return refused
+    request.app[SPAN_METRICS].record_batch(job_spans(export), "otlp")
+    forwarder = request.app.get(FORWARDER)
+    if forwarder is not None:
+        forwarder.submit(export.SerializeToString())
+    return _reply(ExportTraceServiceResponse(), request.content_type, 200)
+
+
+async def receive_metrics(request: web.Request) -> web.Response:
+    """Check the sender's token, decode a metrics export request, keep the worker tracking health in it."""
+    export = ExportMetricsServiceRequest()
+    refused = await _read_export(request, export)
+    if refused is not None:
+        return refused
+    health = request.app[WORKER_HEALTH]
+    for worker, values in tracking_reports(export):
+        if not health.report(worker, values):
+            return _error(429, f"too many workers report tracking health; {worker!r} is not kept", request.content_type)
+    return _reply(ExportMetricsServiceResponse(), request.content_type, 200)
+
+
+def tracking_reports(export: ExportMetricsServiceRequest) -> Iterator[tuple[str, dict[str, float]]]:
+    """(worker, values) for each resource in export, from the tracking instruments; other metrics are ignored."""
+    prefix = attr.TRACKING_METRIC_PREFIX
+    for resource_metrics in export.resource_metrics:
+        worker = "unknown"
+        for kv in resource_metrics.resource.attributes:
+            if kv.key == attr.SERVICE_INSTANCE_ID and kv.value.WhichOneof("value") == "string_value":
+                worker = kv.value.string_value[:_MAX_WORKER_NAME]
+        values: dict[str, float] = {}
+        for scope_metrics in resource_metrics.scope_metrics:
+            for metric in scope_metrics.metrics:
+                if not metric.name.startswith(prefix):
+                    continue
+                data = metric.WhichOneof("data")
+                points = (
+                    metric.sum.data_points if data == "sum" else metric.gauge.data_points if data == "gauge" else ()
+                )
+                for point in points:
+                    number = point.WhichOneof("value")
+                    values[metric.name[len(prefix) :]] = point.as_int if number == "as_int" else point.as_double
+        if values:
+            yield worker, values
+
+
+async def _read_export(request: web.Request, export: Message) -> web.Response | None:
+    """Authenticate the sender and parse the body into export; an error response when either fails."""
     content_type = request.content_type
     # Refused before the body is read: an unauthenticated sender costs no decompression or parsing.
     if not check_bearer(request.app[SETTINGS].otlp_token, request.headers.get("Authorization")):
@@ -124,6 +185,7 @@ async def receive_traces(request: web.Request) -> web.Response:
         return response
     if content_type not in (PROTOBUF, JSON):
         return _error(415, f"unsupported content type {content_type!r}; use {PROTOBUF} or {JSON}", PROTOBUF)
+    kind = type(export).__name__
     try:
         encoding = request.headers.get("Content-Encoding", "identity").lower().strip()
         if encoding not in ("", "identity", "gzip", "deflate"):
@@ -133,7 +195,6 @@ async def receive_traces(request: web.Request) -> web.Response:
             body = await request.read()
         except RequestPayloadError as exc:
             raise _BadRequestError(400, f"cannot read the body: {exc}") from exc
-        export = ExportTraceServiceRequest()
         if content_type == PROTOBUF:
             export.ParseFromString(body)
         else:
@@ -141,17 +202,13 @@ async def receive_traces(request: web.Request) -> web.Response:
             # request, and leaves nesting to Python's recursion limit.
             data = strict_json.loads(body, max_depth=JSON_MAX_DEPTH)
             if not isinstance(data, dict):
-                raise _BadRequestError(400, f"an ExportTraceServiceRequest is a JSON object, not {type_name(data)}")
+                raise _BadRequestError(400, f"an {kind} is a JSON object, not {type_name(data)}")
             json_format.ParseDict(data, export, ignore_unknown_fields=True)
     except _BadRequestError as exc:
         return _error(exc.status, str(exc), content_type)
     except (DecodeError, json_format.ParseError, strict_json.JSONInputError) as exc:
-        return _error(400, f"malformed {content_type} ExportTraceServiceRequest: {exc}", content_type)
-    request.app[SPAN_METRICS].record_batch(job_spans(export), "otlp")
-    forwarder = request.app.get(FORWARDER)
-    if forwarder is not None:
-        forwarder.submit(export.SerializeToString())
-    return _reply(ExportTraceServiceResponse(), content_type, 200)
+        return _error(400, f"malformed {content_type} {kind}: {exc}", content_type)
+    return None
 
 
 def job_spans(export: ExportTraceServiceRequest) -> Iterator[JobSpan]:

@@ -212,7 +212,7 @@ class SpanMetrics(Collector):
         for fragment, data in ex.paced(fragments):
             out.append(f"{name}{{{fragment}}} {data.vectors}\n")
 
-        ex.header(out, m.JOB_DURATION, m.JOB_DURATION_HELP, "histogram", openmetrics)
+        ex.header(out, m.JOB_DURATION, m.JOB_DURATION_HELP, "histogram", openmetrics, m.SECONDS)
         les = ex.bucket_bounds(self.duration_buckets)
         for fragment, data in ex.paced(fragments):
             if self.by_outcome:
@@ -222,7 +222,7 @@ class SpanMetrics(Collector):
                         ex.histogram(out, m.JOB_DURATION, f"{fragment},{outcome}", les, histogram, openmetrics)
             elif any(data.durations[0].counts):  # empty only for a zero-initialised tenant: no buckets yet
                 ex.histogram(out, m.JOB_DURATION, fragment, les, data.durations[0], openmetrics)
-        ex.header(out, m.QUEUE_WAIT, m.QUEUE_WAIT_HELP, "histogram", openmetrics)
+        ex.header(out, m.QUEUE_WAIT, m.QUEUE_WAIT_HELP, "histogram", openmetrics, m.SECONDS)
         les = ex.bucket_bounds(self.wait_buckets)
         for fragment, data in ex.paced(fragments):
             if any(data.wait.counts):
@@ -245,8 +245,8 @@ class SpanMetrics(Collector):
         attempts = CounterMetricFamily(m.ATTEMPTS, m.ATTEMPTS_HELP, labels=["tenant", "outcome"])
         vectors = CounterMetricFamily(m.VECTORS, m.VECTORS_HELP, labels=["tenant"])
         duration_labels = ["tenant", "outcome"] if self.by_outcome else ["tenant"]
-        duration = HistogramMetricFamily(m.JOB_DURATION, m.JOB_DURATION_HELP, labels=duration_labels)
-        wait = HistogramMetricFamily(m.QUEUE_WAIT, m.QUEUE_WAIT_HELP, labels=["tenant"])
+        duration = HistogramMetricFamily(m.JOB_DURATION, m.JOB_DURATION_HELP, labels=duration_labels, unit=m.SECONDS)
+        wait = HistogramMetricFamily(m.QUEUE_WAIT, m.QUEUE_WAIT_HELP, labels=["tenant"], unit=m.SECONDS)
         for tenant, data in tenants:
             for i, outcome in enumerate(m.ATTEMPT_OUTCOMES):
                 attempts.add_metric([tenant, outcome], data.attempts[i], exemplar=_exemplar(data.attempt_exemplars[i]))

@@ -80,22 +80,34 @@ class StateCollector(Collector):
         self._wake_store = asyncio.Event()
         self._wake_depth = asyncio.Event()
         self._duration = Histogram(
-            m.REFRESH_DURATION, "Time taken to read state metrics from the store.", buckets=_READ_BUCKETS, registry=None
+            m.REFRESH_DURATION,
+            "Time taken to read state metrics from the store.",
+            unit=m.SECONDS,
+            buckets=_READ_BUCKETS,
+            registry=None,
         )
         self._errors = Counter(
             m.REFRESH_ERRORS, "Failed or timed-out reads of state metrics from the store.", registry=None
         )
         self._last_success = Gauge(
-            m.REFRESH_LAST_SUCCESS, "Unix time of the last successful read of state metrics.", registry=None
+            m.REFRESH_LAST_SUCCESS,
+            "Unix time of the last successful read of state metrics.",
+            unit=m.SECONDS,
+            registry=None,
         )
         own: list[Counter | Gauge | Histogram] = [self._duration, self._errors, self._last_success]
         # Labelled by queue so the alerts on them can name it; only made when there is a queue to read.
         depth_duration = Histogram(
-            m.QUEUE_DEPTH_DURATION, m.QUEUE_DEPTH_DURATION_HELP, ["queue"], buckets=_READ_BUCKETS, registry=None
+            m.QUEUE_DEPTH_DURATION,
+            m.QUEUE_DEPTH_DURATION_HELP,
+            ["queue"],
+            unit=m.SECONDS,
+            buckets=_READ_BUCKETS,
+            registry=None,
         )
         depth_errors = Counter(m.QUEUE_DEPTH_ERRORS, m.QUEUE_DEPTH_ERRORS_HELP, ["queue"], registry=None)
         depth_last_success = Gauge(
-            m.QUEUE_DEPTH_LAST_SUCCESS, m.QUEUE_DEPTH_LAST_SUCCESS_HELP, ["queue"], registry=None
+            m.QUEUE_DEPTH_LAST_SUCCESS, m.QUEUE_DEPTH_LAST_SUCCESS_HELP, ["queue"], unit=m.SECONDS, registry=None
         )
         self._depth_duration = depth_duration.labels(queue_name)
         self._depth_errors = depth_errors.labels(queue_name)
@@ -238,7 +250,7 @@ class StateCollector(Collector):
         ex.header(out, m.JOBS_STUCK, m.JOBS_STUCK_HELP, "gauge", openmetrics)
         for (tenant, status_name), (count, _) in ex.paced(families.stuck.items()):
             out.append(f"{m.JOBS_STUCK}{{{ex.label_pairs(tenant=tenant, status=status_name)}}} {ex.number(count)}\n")
-        ex.header(out, m.JOBS_STUCK_OLDEST, m.JOBS_STUCK_OLDEST_HELP, "gauge", openmetrics)
+        ex.header(out, m.JOBS_STUCK_OLDEST, m.JOBS_STUCK_OLDEST_HELP, "gauge", openmetrics, m.SECONDS)
         for (tenant, status_name), (_, age) in ex.paced(families.stuck.items()):
             fragment = ex.label_pairs(tenant=tenant, status=status_name)
             out.append(f"{m.JOBS_STUCK_OLDEST}{{{fragment}}} {ex.number(age)}\n")
@@ -259,7 +271,9 @@ class StateCollector(Collector):
             jobs.add_metric([tenant, status_name], value)
         yield jobs
         stuck = GaugeMetricFamily(m.JOBS_STUCK, m.JOBS_STUCK_HELP, labels=["tenant", "status"])
-        oldest = GaugeMetricFamily(m.JOBS_STUCK_OLDEST, m.JOBS_STUCK_OLDEST_HELP, labels=["tenant", "status"])
+        oldest = GaugeMetricFamily(
+            m.JOBS_STUCK_OLDEST, m.JOBS_STUCK_OLDEST_HELP, labels=["tenant", "status"], unit=m.SECONDS
+        )
         for (tenant, status_name), (stuck_count, age) in families.stuck.items():
             stuck.add_metric([tenant, status_name], stuck_count)
             oldest.add_metric([tenant, status_name], age)

@@ -8,7 +8,9 @@ A flag beats a variable, a variable beats the default.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
@@ -56,9 +58,7 @@ class Settings:
     )
     lock_duration: float = _opt(30.0, "message lock duration in seconds (local queue)", "queue")
     max_delivery_count: int = _opt(10, "deliveries before the queue dead-letters a message", "queue")
-    queue_timeout: float = _opt(
-        10.0, "seconds one queue call made by the API or the state refresher may take", "queue"
-    )
+    queue_timeout: float = _opt(10.0, "seconds one queue call made by the API or the state refresher may take", "queue")
 
     # embedder
     embedder: str = _opt(
@@ -162,23 +162,52 @@ class Settings:
         return out
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser, sections: Sequence[str]) -> None:
-        """Add a flag for every field in the given sections, defaults shown from the environment."""
-        groups = {name: parser.add_argument_group(f"{name} settings") for name in sections}
+    def add_arguments(
+        cls,
+        parser: argparse.ArgumentParser,
+        sections: Sequence[str],
+        *,
+        describe: bool = True,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        """Add a flag for every field in the given sections.
+
+        With describe, each flag's help shows its variable and default (a secret shows only
+        whether its variable is set); without, the flags work but `--help` leaves them out.
+        """
+        environ = os.environ if environ is None else environ
+        groups = {name: parser.add_argument_group(f"{name} settings") for name in sections} if describe else {}
         for f in fields(cls):
             section = f.metadata["section"]
-            if section not in groups:
+            if section not in sections:
                 continue
             env = ENV_PREFIX + f.name.upper()
-            shown = "(set)" if f.metadata["secret"] else f"default: {f.default}"
+            # A secret's value is never shown, only whether its variable is set.
+            is_set = "(set)" if environ.get(env) else "(unset)"
+            shown = is_set if f.metadata["secret"] else f"default: {f.default}"
             kwargs: dict[str, Any] = {
                 "dest": f.name,
                 "default": argparse.SUPPRESS,
-                "help": f"{f.metadata['help']} [{env}; {shown}]",
+                "help": f"{f.metadata['help']} [{env}; {shown}]" if describe else argparse.SUPPRESS,
             }
-            if f.metadata["choices"]:
-                kwargs["choices"] = f.metadata["choices"]
-            groups[section].add_argument("--" + f.name.replace("_", "-"), **kwargs)
+            choices = f.metadata["choices"]
+            if choices:
+                kwargs["choices"] = choices
+                kwargs["type"] = functools.partial(_choice, choices)
+            (groups[section] if describe else parser).add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+    @classmethod
+    def flags_summary(cls, sections: Sequence[str], width: int = 100) -> str:
+        """One wrapped paragraph per section naming its flags: the short form of `--help`."""
+        paragraphs = []
+        for section in sections:
+            flags = " ".join("--" + f.name.replace("_", "-") for f in fields(cls) if f.metadata["section"] == section)
+            paragraphs.append(
+                textwrap.fill(
+                    flags, width, initial_indent=f"  {section}: ", subsequent_indent="    ", break_on_hyphens=False
+                )
+            )
+        return "\n".join(paragraphs)
 
     @classmethod
     def load(cls, args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> Self:
@@ -192,6 +221,8 @@ class Settings:
                 continue
             values[f.name] = _convert(f.name, f.default, raw)
             choices = f.metadata["choices"]
+            if choices:
+                values[f.name] = _choice(choices, values[f.name])
             if choices and values[f.name] not in choices:
                 raise ValueError(f"{f.name} must be one of {', '.join(choices)}; got {raw!r}")
         settings = cls(**values)
@@ -243,6 +274,12 @@ class Settings:
         updated = replace(self, **changes)
         updated.validate()
         return updated
+
+
+def _choice(choices: Sequence[str], raw: str) -> str:
+    """The choice raw names, whatever its case; raw itself when it names none (for the caller to refuse)."""
+    folded = str(raw).casefold()
+    return next((choice for choice in choices if choice.casefold() == folded), raw)
 
 
 def _convert(name: str, default: Any, raw: Any) -> Any:

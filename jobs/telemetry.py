@@ -40,3 +40,16 @@ class Outcome(StrEnum):
     FAILED = "failed"
     DEAD_LETTERED = "dead_lettered"
     SKIPPED = "skipped"
+
+
+# Worker tracking health (worker/tracker.py), reported as OTLP metrics by the worker and served by
+# the exporter as embedding_worker_tracking_* series. Keys of a tracking snapshot; instrument names
+# are TRACKING_METRIC_PREFIX + key.
+TRACKING_METRIC_PREFIX: Final = "embedding.worker.tracking."
+# Counters: store calls that failed or timed out; writes given up; writes replayed from the buffer;
+# writes taken over at start from the spools of workers that died.
+TRACKING_COUNTERS: Final = ("store_failures", "dropped_writes", "replayed_writes", "adopted_writes")
+# Gauge: writes waiting in the buffer for the store to answer.
+TRACKING_GAUGES: Final = ("buffered_writes",)
+# The resource attribute naming the reporting worker process.
+SERVICE_INSTANCE_ID: Final = "service.instance.id"

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -74,7 +75,7 @@ def test_ingest_reports_bad_lines_with_their_position_and_keeps_the_good_ones(tm
     assert "rejected <stdin>:3: tenant id 'bad tenant' may contain only" in result.stderr
     assert "rejected <stdin>:4: field 'text' must be a string" in result.stderr
     assert "2 shards read, 2 jobs enqueued, 0 unchanged, 3 rejected" in result.stderr
-    listed = run_cli(tmp_path, "jobs", "list", "--tenant", "t1")
+    listed = run_cli(tmp_path, "jobs", "list", "--tenant", "t1", "--output", "json")
     assert listed.returncode == 0
     assert sorted(json.loads(line)["shardId"] for line in listed.stdout.splitlines()) == ["a", "d"]
 
@@ -90,17 +91,46 @@ def test_ingest_folder_uses_subfolders_as_tenants(tmp_path: Path) -> None:
     stats_out = run_cli(tmp_path / "data", "jobs", "stats")
     rows = {line.split()[0]: line.split()[1] for line in stats_out.stdout.strip().splitlines()[1:]}
     assert rows == {"fallback": "1", "tenant-x": "1"}
-    listed = run_cli(tmp_path / "data", "jobs", "list", "--tenant", "tenant-x")
+    listed = run_cli(tmp_path / "data", "jobs", "list", "--tenant", "tenant-x", "--output", "json")
     assert json.loads(listed.stdout)["shardId"] == "First-Doc"
 
 
-def test_help_shows_every_setting_with_its_variable(tmp_path: Path) -> None:
-    result = run_cli(tmp_path, "worker", "--help")
-    assert result.returncode == 0
+def test_command_help_is_short_and_config_help_describes_every_setting(tmp_path: Path) -> None:
+    for command in ("worker", "exporter", "up", "jobs", "ingest"):
+        result = run_cli(tmp_path, command, "--help")
+        assert result.returncode == 0, result.stderr
+        assert len(result.stdout.splitlines()) <= 40, (command, result.stdout)
+        assert "--data-dir" in result.stdout
+        assert "embedding-jobs config --help" in result.stdout
+    described = run_cli(tmp_path, "config", "--help")
     for flag, env in [("--max-attempts", "EMBEDDING_JOBS_MAX_ATTEMPTS"), ("--queue", "EMBEDDING_JOBS_QUEUE")]:
-        assert flag in result.stdout
-        assert env in result.stdout
-    assert "(set)" not in result.stdout or "OPENAI_API_KEY" in result.stdout
+        assert flag in described.stdout
+        assert env in described.stdout
+
+
+def test_help_shows_a_secret_as_set_only_when_its_variable_is_set(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, "config", "--help", EMBEDDING_JOBS_OTLP_TOKEN="s3cret")
+    text = " ".join(result.stdout.split())
+    assert "EMBEDDING_JOBS_OTLP_TOKEN; (set)" in text
+    assert "EMBEDDING_JOBS_OPENAI_API_KEY; (unset)" in text
+    assert "EMBEDDING_JOBS_METRICS_TOKEN; (unset)" in text
+    assert "s3cret" not in result.stdout
+    shown = run_cli(tmp_path, "config", "--output", "json", EMBEDDING_JOBS_OTLP_TOKEN="s3cret")
+    values = json.loads(shown.stdout)
+    assert (values["otlp_token"], values["metrics_token"]) == ("***", "")
+
+
+def test_version_and_case_insensitive_choices(tmp_path: Path) -> None:
+    version = run_cli(tmp_path, "--version")
+    assert version.returncode == 0
+    assert version.stdout.strip() == "embedding-jobs 0.1.0"
+    for env, flags in [({"EMBEDDING_JOBS_LOG_LEVEL": "debug"}, ()), ({}, ("--log-level", "Error"))]:
+        result = run_cli(tmp_path, "config", "--output", "json", *flags, **env)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["log_level"] in ("DEBUG", "ERROR")
+    refused = run_cli(tmp_path, "config", EMBEDDING_JOBS_LOG_LEVEL="loud")
+    assert refused.returncode == 2
+    assert "log_level must be one of DEBUG, INFO, WARNING, ERROR; got 'loud'" in refused.stderr
 
 
 def test_invalid_settings_get_a_clear_error(tmp_path: Path) -> None:
@@ -110,6 +140,57 @@ def test_invalid_settings_get_a_clear_error(tmp_path: Path) -> None:
     result = run_cli(tmp_path, "worker", "--max-attempts", "0")
     assert result.returncode == 2
     assert "max_attempts must be at least 1" in result.stderr
+    result = run_cli(tmp_path, "exporter", EMBEDDING_JOBS_EXPORTER_PORT="99999")
+    assert result.returncode == 2
+    assert "exporter_port must be between 0 and 65535" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_exporter_that_cannot_bind_exits_2_with_the_address(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = run_cli(tmp_path, "exporter", EMBEDDING_JOBS_EXPORTER_PORT=str(port), EMBEDDING_JOBS_OTLP_PORT="0")
+        assert busy.returncode == 2, busy.stderr
+        assert f"cannot listen on 127.0.0.1:{port}" in busy.stderr
+        assert "Traceback" not in busy.stderr
+    # An address the resolver cannot even encode (a label past 63 characters).
+    bad_host = run_cli(
+        tmp_path, "exporter", EMBEDDING_JOBS_EXPORTER_HOST="a" * 64 + ".example", EMBEDDING_JOBS_OTLP_PORT="0"
+    )
+    assert bad_host.returncode == 2, bad_host.stderr
+    assert "cannot listen on aaaa" in bad_host.stderr
+    assert "Traceback" not in bad_host.stderr
+
+
+async def test_jobs_commands_print_a_table_or_json_with_output(tmp_path: Path) -> None:
+    corpus = "\n".join(
+        json.dumps({"tenantId": t, "shardId": f"s{n}", "text": f"doc {n}"}) for t in "ab" for n in range(2)
+    )
+    assert run_cli(tmp_path, "ingest", "-", stdin=corpus).returncode == 0
+    for tenant_args in ((), ("--tenant", "a")):
+        table = run_cli(tmp_path, "jobs", "stats", *tenant_args)
+        assert table.returncode == 0, table.stderr
+        header, *rows = table.stdout.strip().splitlines()
+        assert header.split() == ["tenant", "pending", "processing", "completed", "failed", "dead_lettered"]
+        expected_rows = {"a": ["2", "0", "0", "0", "0"], "b": ["2", "0", "0", "0", "0"]}
+        if tenant_args:
+            del expected_rows["b"]
+        assert {row.split()[0]: row.split()[1:] for row in rows} == expected_rows
+        as_json = json.loads(run_cli(tmp_path, "jobs", "stats", *tenant_args, "--output", "json").stdout)
+        assert set(as_json) == set(expected_rows)
+        assert as_json["a"] == {"pending": 2, "processing": 0, "completed": 0, "failed": 0, "dead_lettered": 0}
+    listed = run_cli(tmp_path, "jobs", "list", "--tenant", "b")
+    header, *rows = listed.stdout.strip().splitlines()
+    assert header.split() == ["id", "status", "retries", "updated", "shard"]
+    assert sorted(row.split()[-1] for row in rows) == ["s0", "s1"]
+    assert all(row.split()[1] == "pending" for row in rows)
+    lines = run_cli(tmp_path, "jobs", "list", "--tenant", "b", "--output", "json").stdout.splitlines()
+    assert sorted(json.loads(line)["shardId"] for line in lines) == ["s0", "s1"]
+    wrong = run_cli(tmp_path, "jobs", "stats", "--output", "yaml")
+    assert wrong.returncode == 2
+    assert "invalid choice: 'yaml'" in wrong.stderr
 
 
 @pytest.fixture

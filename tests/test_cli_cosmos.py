@@ -40,7 +40,7 @@ def test_up_runs_the_sample_corpus_on_cosmos(tmp_path: Path, cosmos_db: CosmosDa
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line.split()[1:] for line in result.stdout.strip().splitlines()[1:]}
     assert rows == {tenant: ["0", "0", "15", "0", "0"] for tenant in ("acme", "globex", "initech")}
-    stats = run_cli(tmp_path, "jobs", "stats", "--tenant", "acme", **cosmos_env(cosmos_db))
+    stats = run_cli(tmp_path, "jobs", "stats", "--tenant", "acme", "--output", "json", **cosmos_env(cosmos_db))
     assert json.loads(stats.stdout) == {
         "acme": {"pending": 0, "processing": 0, "completed": 15, "failed": 0, "dead_lettered": 0}
     }
@@ -64,7 +64,7 @@ async def test_feeder_enqueues_shards_written_to_the_local_store(tmp_path: Path)
     try:
         deadline = time.monotonic() + 30
         while True:
-            listed = run_cli(tmp_path, "jobs", "list", "--tenant", "acme")
+            listed = run_cli(tmp_path, "jobs", "list", "--tenant", "acme", "--output", "json")
             if len(listed.stdout.splitlines()) == 3:
                 break
             assert time.monotonic() < deadline, listed.stderr
@@ -75,5 +75,5 @@ async def test_feeder_enqueues_shards_written_to_the_local_store(tmp_path: Path)
     assert feeder.returncode == 0, err.decode()
     work = run_cli(tmp_path, "worker", "--exit-when-idle")
     assert work.returncode == 0, work.stderr
-    final = run_cli(tmp_path, "jobs", "stats", "--tenant", "acme")
+    final = run_cli(tmp_path, "jobs", "stats", "--tenant", "acme", "--output", "json")
     assert json.loads(final.stdout)["acme"]["completed"] == 3

@@ -15,6 +15,7 @@ from alerts.build import RuleParams, recording_rules
 from dashboards import build
 from exporter.spanmetrics import SpanMetrics
 from exporter.state import StateCollector
+from exporter.workerhealth import WorkerHealth
 from jobs.store import JobStore
 
 DASHBOARD_DIR = Path(build.__file__).parent
@@ -51,6 +52,7 @@ def exporter_series() -> set[str]:
     """Every series name the exporter can serve, as Prometheus sees it (counters as _total, histograms bucketed)."""
     registry = CollectorRegistry()
     spans = SpanMetrics(registry)
+    WorkerHealth(registry)
     state = StateCollector(cast(JobStore, object()), registry, limiter=spans.tenants, depth_source=_no_depth)
     # Queue depth is only served once a refresh has read it.
     state.depth = {"active": 0}

@@ -96,8 +96,6 @@ async def exporter_process(
                 assert exporter.returncode == 0, log.read().decode()
 
 
-
-
 async def test_worker_spans_reach_a_separate_exporter_over_otlp(tmp_path: Path) -> None:
     corpus = "\n".join(
         json.dumps({"tenantId": tenant, "shardId": f"s{n}", "text": f"text {n} of {tenant}"})

@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp.plugin import AiohttpClient
 
 from exporter import exposition
+from exporter import metrics as m
 from exporter.app import create_app
 from exporter.keys import REGISTRY, STATE
 from exporter.spanmetrics import SpanMetrics
@@ -31,7 +32,9 @@ from jobs import telemetry as attr
 from jobs.model import Job, JobStatus
 from jobs.settings import Settings
 from jobs.sqlite_store import SQLiteJobStore
-from tests.components import wait_until
+from jobs.version import package_version
+from tests.components import require_binary, wait_until
+from tests.prometheus_stack import INSTALL_HINT
 from tests.test_metrics import job_span_request, receiver_of
 
 Client = TestClient[web.Request, web.Application]
@@ -71,6 +74,11 @@ async def full_exposition(client: Client, receiver: Client, accept: str = "") ->
     response = await client.get("/metrics", headers={"Accept": accept} if accept else {})
     assert response.status == 200
     return await response.text()
+
+
+def without_process(text: str) -> str:
+    """text without the process collector's samples, which change from one render to the next (CPU, memory)."""
+    return "".join(line for line in text.splitlines(keepends=True) if not line.startswith("process_"))
 
 
 def samples_of(text: str, tenant: str) -> Counter[str]:
@@ -123,7 +131,7 @@ async def test_gzip_is_used_when_accepted_and_is_the_same_exposition(
     assert response.headers["Content-Encoding"] == "gzip"
     assert "Accept-Encoding" in response.headers["Vary"]
     compressed = await response.read()
-    assert gzip.decompress(compressed).decode() == plain
+    assert without_process(gzip.decompress(compressed).decode()) == without_process(plain)
     assert len(compressed) * 3 < len(plain)  # tenfold and more at scale: bench/bench_scrape.py
     refused = await client.get("/metrics", headers={"Accept-Encoding": "gzip;q=0"}, auto_decompress=False)
     assert "Content-Encoding" not in refused.headers
@@ -303,7 +311,8 @@ def test_fast_render_equals_the_client_librarys_rendering(
         for family in parse(text):
             for s in family.samples:
                 exemplar = (s.exemplar.labels["trace_id"], round(s.exemplar.value, 9)) if s.exemplar else None
-                out.add((family.name, family.type, s.name, tuple(sorted(s.labels.items())), s.value, exemplar))
+                labels = tuple(sorted(s.labels.items()))
+                out.add((family.name, family.type, family.unit, s.name, labels, s.value, exemplar))
         return out
 
     assert facts(fast) == facts(slow)
@@ -336,3 +345,80 @@ def test_state_gauges_render_the_same_fast_and_slow() -> None:
 
     assert facts("".join(fast)) == facts(slow)
     assert ("embedding_jobs_stuck", (("status", "pending"), ("tenant", "__other__")), 4.0) in facts(slow)
+
+
+# Families served per tenant or per worker: their series start with the tenant or the worker, not before.
+PER_SUBJECT_COUNTERS = {
+    "embedding_job_attempts",
+    "embedding_vectors",
+    "embedding_worker_tracking_store_failures",
+    "embedding_worker_tracking_dropped_writes",
+    "embedding_worker_tracking_replayed_writes",
+    "embedding_worker_tracking_adopted_writes",
+}
+
+
+async def test_a_fresh_exporter_serves_every_counter_from_zero_and_its_process_and_build(
+    aiohttp_client: AiohttpClient, sqlite_store: SQLiteJobStore
+) -> None:
+    settings = Settings(metrics_cache_ttl=0, forward_otlp_endpoint="http://127.0.0.1:9")
+    app = create_app(settings, sqlite_store)
+    client = await aiohttp_client(app)
+    await receiver_of(aiohttp_client, app)
+    await asyncio.wait_for(app[STATE].refreshed.wait(), 10)
+    text = await (await client.get("/metrics")).text()
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    counters = {name for name, family in families.items() if family.type == "counter"}
+    assert counters >= PER_SUBJECT_COUNTERS
+    for name in counters - PER_SUBJECT_COUNTERS:
+        assert families[name].samples, f"{name} has no series before its first event"
+        if name.startswith("embedding_"):
+            assert all(s.value == 0 for s in families[name].samples), name
+    dropped = {s.labels["reason"] for s in families["embedding_exporter_spans_dropped"].samples}
+    assert dropped == set(m.DROP_REASONS)
+    forward = {s.labels["reason"] for s in families["embedding_exporter_forward_dropped"].samples}
+    assert forward == set(m.FORWARD_DROP_REASONS)
+    [build] = families["embedding_jobs_build_info"].samples
+    assert (build.labels, build.value) == ({"version": package_version()}, 1)
+    assert package_version() == "0.1.0"
+    [python] = families["python_info"].samples
+    assert python.labels["implementation"] == "CPython"
+    [resident] = families["process_resident_memory_bytes"].samples
+    assert resident.value > 1_000_000
+    assert families["process_cpu_seconds"].samples[0].value > 0
+    promtool = await asyncio.create_subprocess_exec(
+        require_binary("promtool", INSTALL_HINT),
+        "check",
+        "metrics",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    lint, _ = await asyncio.wait_for(promtool.communicate(text.encode()), 30)
+    assert promtool.returncode == 0, lint.decode()
+
+
+async def test_openmetrics_declares_seconds_on_every_family_measured_in_seconds(
+    aiohttp_client: AiohttpClient, sqlite_store: SQLiteJobStore
+) -> None:
+    app = create_app(Settings(metrics_cache_ttl=0), sqlite_store, depth_source=_empty_queue)
+    client = await aiohttp_client(app)
+    await asyncio.wait_for(app[STATE].depth_refreshed.wait(), 10)
+    text = await full_exposition(client, await receiver_of(aiohttp_client, app), "application/openmetrics-text")
+    ours = {f.name: f.unit for f in parse_openmetrics(text) if f.name.startswith("embedding_")}
+    in_seconds = {name for name in ours if name.endswith("_seconds")}
+    assert in_seconds == {
+        m.JOB_DURATION,
+        m.QUEUE_WAIT,
+        m.JOBS_STUCK_OLDEST,
+        m.REFRESH_DURATION,
+        m.REFRESH_LAST_SUCCESS,
+        m.QUEUE_DEPTH_DURATION,
+        m.QUEUE_DEPTH_LAST_SUCCESS,
+    }
+    assert {name: ours[name] for name in in_seconds} == dict.fromkeys(in_seconds, "seconds")
+    assert {name: unit for name, unit in ours.items() if name not in in_seconds and unit} == {}
+
+
+async def _empty_queue() -> dict[str, int]:
+    return {"active": 0, "scheduled": 0, "dead_letter": 0}

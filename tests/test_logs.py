@@ -72,7 +72,9 @@ def test_azure_sdk_loggers_stay_quiet_below_debug(tmp_path: Path, cosmos_db: Cos
     assert sdk_records(ingest.stderr) == 0, ingest.stderr[:2000]
     assert len(ingest.stderr.splitlines()) < 10, ingest.stderr[:2000]
     # At DEBUG they are there for whoever troubleshoots the SDK.
-    debug = run_cli(tmp_path, "jobs", "stats", "--tenant", "acme", EMBEDDING_JOBS_LOG_LEVEL="DEBUG", **env)
+    debug = run_cli(
+        tmp_path, "jobs", "stats", "--tenant", "acme", "--output", "json", EMBEDDING_JOBS_LOG_LEVEL="DEBUG", **env
+    )
     assert debug.returncode == 0, debug.stderr
     assert json.loads(debug.stdout)["acme"]["pending"] == 20
     assert sdk_records(debug.stderr) >= 2

@@ -327,7 +327,7 @@ def test_ingest_rejects_every_malformed_line_and_ingests_every_good_one(tmp_path
     assert "Traceback" not in result.stderr
     good = len(INGEST_CASES) + 1
     assert f"{good} shards read, {good} jobs enqueued, 0 unchanged, {len(INGEST_CASES)} rejected" in result.stderr
-    listed = run_cli(tmp_path / "data", "jobs", "list", "--tenant", "tenant-a", "--limit", "100")
+    listed = run_cli(tmp_path / "data", "jobs", "list", "--tenant", "tenant-a", "--limit", "100", "--output", "json")
     assert sorted(json.loads(row)["shardId"] for row in listed.stdout.splitlines()) == sorted(
         f"good-{n}" for n in range(good)
     )

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp.plugin import AiohttpClient, AiohttpServer
 
 from exporter.app import create_app, create_otlp_app
-from exporter.keys import REGISTRY, SETTINGS, SPAN_METRICS, STATE
+from exporter.keys import REGISTRY, SETTINGS, SPAN_METRICS, STATE, WORKER_HEALTH
 from exporter.spanmetrics import MetricsSpanProcessor, SpanMetrics
 from jobs import telemetry as attr
 from jobs.model import Job, JobStatus, utcnow
@@ -211,7 +211,7 @@ def job_span_request(tenant: str, outcome: str, n: int = 1, vectors: int = 3) ->
 
 async def receiver_of(aiohttp_client: AiohttpClient, app: web.Application) -> Client:
     """A client of the OTLP receiver feeding app's span metrics, on a listener of its own as the exporter serves it."""
-    return await aiohttp_client(create_otlp_app(app[SETTINGS], app[SPAN_METRICS], app[REGISTRY]))
+    return await aiohttp_client(create_otlp_app(app[SETTINGS], app[SPAN_METRICS], app[REGISTRY], app[WORKER_HEALTH]))
 
 
 @dataclass

@@ -51,7 +51,14 @@ def test_optional_fields_are_omitted_from_json() -> None:
     job = Job.new(job_id="j", tenant_id="t", shard_id="s", shard_type_id="doc")
     data = job.to_json()
     assert set(data) == {
-        "id", "tenantId", "shardId", "shardTypeId", "status", "retryCount", "createdAt", "updatedAt",
+        "id",
+        "tenantId",
+        "shardId",
+        "shardTypeId",
+        "status",
+        "retryCount",
+        "createdAt",
+        "updatedAt",
         "metadata",
     }
     assert data["metadata"] == {}

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jobs.model import Job, JobStatus
+from jobs.model import Job, JobStatus, utcnow
 from jobs.sqlite_store import SQLiteJobStore
+from tests.components import wait_for
 from worker.local_queue import LocalQueue
 from worker.messages import JobMessage
 from worker.reconciler import reconcile_dead_letters
@@ -62,6 +63,8 @@ async def test_a_message_sent_before_a_manual_retry_does_not_dead_letter_the_ret
         await store.transition("acme", "retried", S.PENDING, S.PROCESSING)
         await store.transition("acme", "retried", S.PROCESSING, S.DEAD_LETTERED, error="gave up")
         await queue.dead_letter(first, "PermanentFailure", "gave up")
+        # Job times have millisecond precision: the retry must fall in a later millisecond than the send.
+        wait_for(lambda: utcnow() > first.enqueued_time, 1, "the clock to pass the message's enqueue time")
         # A manual retry: the job is pending again after its old message went to the dead-letter queue.
         await store.transition("acme", "retried", S.DEAD_LETTERED, S.PENDING, retry_count=0)
         # The other job's message is given up on by the queue while the job is still pending.

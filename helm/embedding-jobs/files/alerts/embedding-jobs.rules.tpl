@@ -511,3 +511,23 @@
         __EMBEDDING_JOBS_RUNBOOK_URL__#embeddingexporterabsent
       "dashboard_url": |-
         __EMBEDDING_JOBS_GRAFANA_URL__/d/embedding-jobs-overview
+  - "alert": |-
+      EmbeddingWorkerTrackingWritesDropped
+    "expr": |-
+      sum by (__EMBEDDING_JOBS_GROUP_BY__) (
+        (increase(embedding_worker_tracking_dropped_writes_total{__EMBEDDING_JOBS_SELECTOR__}[10m]) and present_over_time(embedding_worker_tracking_dropped_writes_total{__EMBEDDING_JOBS_SELECTOR__}[1h] offset 10m))
+        or
+        (embedding_worker_tracking_dropped_writes_total{__EMBEDDING_JOBS_SELECTOR__} unless present_over_time(embedding_worker_tracking_dropped_writes_total{__EMBEDDING_JOBS_SELECTOR__}[1h] offset 10m))
+      ) > 0
+    "labels":
+      "severity": |-
+        warning
+    "annotations":
+      "summary": |-
+        Embedding workers of {{ $labels.job }} dropped job-status writes
+      "description": |-
+        Job {{ $labels.job }}: workers gave up {{ $value | humanize }} job-status write(s) in the last 10m (tracking buffer full, or the store refused them). Job records and per-tenant counts are wrong until `embedding-jobs recount` runs after the store recovers.
+      "runbook_url": |-
+        __EMBEDDING_JOBS_RUNBOOK_URL__#embeddingworkertrackingwritesdropped
+      "dashboard_url": |-
+        __EMBEDDING_JOBS_GRAFANA_URL__/d/embedding-jobs-overview
