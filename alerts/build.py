@@ -1,9 +1,15 @@
 """Renders the Prometheus rules (recording rules and alerts) from a few parameters.
 
     python -m alerts.build                 # rewrites alerts/embedding-jobs.rules.yaml with the defaults
-    python -m alerts.build --slo 0.995 --job my-scrape-job --output /tmp/rules.yaml
+    python -m alerts.build --slo 0.995 --selector 'job="my-scrape-job"' --output /tmp/rules.yaml
 
 The committed file is the rendering of `RuleParams()`; tests/test_alerts.py checks that they agree.
+The chart's copy (embedding-jobs.rules.tpl) is the same rendering with placeholders where the job
+selector, the grouping labels, the deployment selector and the link bases go; the chart's
+PrometheusRule template substitutes its values for them.
+Counters are read with `increase ... or` their value when the series is new in the window: a tenant's
+first attempt may create its series at 1 (on a follower, which never zero-initialises tenants), and
+plain increase() would never see that first event.
 State gauges and the store-refresh metrics come from the one exporter holding the state lease,
 which changes hands: they are aggregated per job (`max by`, sums by job), never per instance,
 so a handover neither resets nor duplicates an alert. Event counters are per replica and summed.
@@ -23,10 +29,22 @@ from alerts.yamltext import dump
 from dashboards import uids
 
 RULES_FILE: Final = Path(__file__).with_name("embedding-jobs.rules.yaml")
+CHART_RULES_FILE: Final = Path(__file__).with_name("embedding-jobs.rules.tpl")
 ERROR_OUTCOMES: Final = ("failed", "dead_lettered")
+# A job ends once: completed, or dead-lettered after its last attempt. Failed attempts are retried.
+FINAL_OUTCOMES: Final = ("completed", "dead_lettered")
+ATTEMPTS: Final = "embedding_job_attempts_total"
 # Windows the dashboards plot error ratios over; their recording rules exist whatever the alert windows.
 DASHBOARD_WINDOWS: Final = ("5m", "1h")
 _UNITS: Final = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
+# What the chart's PrometheusRule template replaces with its values (see CHART_PARAMS).
+PLACEHOLDERS: Final = {
+    "selector": "__EMBEDDING_JOBS_SELECTOR__",
+    "group_by": "__EMBEDDING_JOBS_GROUP_BY__",
+    "deployment_selector": "__EMBEDDING_JOBS_DEPLOYMENT_SELECTOR__",
+    "runbook_url": "__EMBEDDING_JOBS_RUNBOOK_URL__",
+    "grafana_url": "__EMBEDDING_JOBS_GRAFANA_URL__",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,18 +60,34 @@ class BurnWindow:
 class RuleParams:
     """Everything a deployment (or a test) may tune; the defaults render the committed rules."""
 
-    # SLO: this share of job attempts succeeds; failed and dead-lettered attempts are errors.
+    # SLO on what users feel: this share of finished jobs completes. A job is finished when it
+    # completed or was dead-lettered; an attempt that fails and is retried costs no budget.
     slo: float = 0.99
-    # The workbook's recommended pairs: 2% of a 30-day budget in 1 h or 5% in 6 h pages,
-    # 10% in 3 days opens a ticket; the short window lets the alert resolve soon after recovery.
+    # The workbook's recommended tiers: 2% of a 30-day budget in 1 h or 5% in 6 h pages; 10% in
+    # 1 day or in 3 days opens a ticket. The short window lets an alert resolve soon after recovery.
     page_windows: tuple[BurnWindow, ...] = (
         BurnWindow(long="1h", short="5m", factor=14.4),
         BurnWindow(long="6h", short="30m", factor=6),
     )
     page_for: str = "2m"
-    ticket_windows: tuple[BurnWindow, ...] = (BurnWindow(long="3d", short="6h", factor=1),)
+    ticket_windows: tuple[BurnWindow, ...] = (
+        BurnWindow(long="1d", short="2h", factor=3),
+        BurnWindow(long="3d", short="6h", factor=1),
+    )
     ticket_for: str = "15m"
+    # No burn-rate alert for a tenant with fewer finished jobs than this in the long window: at
+    # six jobs an hour one dead-letter is 17% of them, which is no reason to wake anyone (the
+    # dead-letter warning still tells).
+    min_finished_jobs: int = 10
+    # The share of attempts that fail (retries included): a warning of trouble upstream (throttling,
+    # a flaky endpoint) before it turns into dead-lettered jobs.
+    attempt_error_ratio: float = 0.25
+    attempt_window: str = "1h"
+    attempt_for: str = "15m"
+    min_attempts: int = 20
     dead_letter_window: str = "15m"
+    # A counter series without a sample in this long before a window is new in it (see `counted`).
+    appearance_lookback: str = "1h"
     # The exporter only counts a job as stuck past its --stuck-after (15 min by default).
     stuck_for: str = "5m"
     stall_window: str = "15m"
@@ -70,9 +104,16 @@ class RuleParams:
     # A dead leader is replaced within two refresh intervals (30 s by default); minutes without
     # one mean the lease cannot be taken at all.
     no_leader_for: str = "3m"
-    # The `job` label Prometheus gives the exporter's scrape target: the scrape config's job_name,
-    # or with the Prometheus Operator the Service name (ServiceMonitor) or "namespace/name" (PodMonitor).
-    job: str = "embedding-jobs"
+    # Label matchers every selector carries, to pick this deployment's series: the scrape job
+    # (the scrape config's job_name, or the chart's serviceMonitor.job) or any other matchers.
+    selector: str = 'job="embedding-jobs"'
+    # Labels every aggregation keeps besides its own (tenant, queue), so that deployments sharing
+    # a Prometheus (staging and prod, two clusters) never merge. Missing labels are harmless.
+    group_by: tuple[str, ...] = ("job", "namespace", "cluster")
+    # kube-state-metrics matchers of the worker Deployment: no exporter target while it is scaled
+    # to zero (KEDA minReplicaCount 0, an idle queue) is not "absent". Without kube-state-metrics the
+    # clause matches nothing and Absent behaves as plain absent().
+    deployment_selector: str = 'deployment="embedding-jobs"'
     target_down_for: str = "5m"
     target_absent_for: str = "15m"
     runbook_url: str = "alerts/runbooks.md"
@@ -80,14 +121,37 @@ class RuleParams:
 
     @property
     def error_budget(self) -> Decimal:
-        """The share of attempts allowed to fail."""
+        """The share of finished jobs allowed to be dead-lettered."""
         return 1 - Decimal(str(self.slo))
 
     @property
     def ratio_windows(self) -> list[str]:
-        """Windows with an error-ratio recording rule, shortest first."""
+        """Windows with an attempt error-ratio recording rule, shortest first."""
+        return sorted({self.attempt_window, *DASHBOARD_WINDOWS}, key=seconds)
+
+    @property
+    def slo_windows(self) -> list[str]:
+        """Windows with a final-outcome (dead-lettered among finished) recording rule, shortest first."""
         windows = {w for burn in self.page_windows + self.ticket_windows for w in (burn.long, burn.short)}
-        return sorted(windows | set(DASHBOARD_WINDOWS), key=seconds)
+        return sorted(windows, key=seconds)
+
+    def matchers(self, *extra: str) -> str:
+        """The label matchers of a selector: the deployment's own, then extra ones."""
+        return "{" + ", ".join(m for m in (self.selector, *extra) if m) + "}"
+
+    def by(self, *labels: str) -> str:
+        """A grouping clause keeping labels and the deployment's grouping labels."""
+        return "(" + ", ".join((*labels, *self.group_by)) + ")"
+
+
+# The rendering the chart embeds: its template puts the values in (helm/embedding-jobs/templates/prometheusrule.yaml).
+CHART_PARAMS: Final = RuleParams(
+    selector=PLACEHOLDERS["selector"],
+    group_by=(PLACEHOLDERS["group_by"],),
+    deployment_selector=PLACEHOLDERS["deployment_selector"],
+    runbook_url=PLACEHOLDERS["runbook_url"],
+    grafana_url=PLACEHOLDERS["grafana_url"],
+)
 
 
 def seconds(duration: str) -> float:
@@ -99,8 +163,23 @@ def seconds(duration: str) -> float:
 
 
 def error_ratio_record(window: str) -> str:
-    """Name of the recording rule holding each tenant's share of failed attempts over window."""
+    """Name of the recording rule holding each tenant's share of failed attempts (retries included) over window."""
     return f"tenant:embedding_job_attempt_errors:ratio_rate{window}"
+
+
+def attempts_record(window: str) -> str:
+    """Name of the recording rule holding each tenant's number of attempts over window."""
+    return f"tenant:embedding_job_attempts:increase{window}"
+
+
+def finished_record(window: str) -> str:
+    """Name of the recording rule holding each tenant's number of finished jobs over window."""
+    return f"tenant:embedding_jobs_finished:increase{window}"
+
+
+def dead_letter_ratio_record(window: str) -> str:
+    """Name of the recording rule holding each tenant's share of finished jobs dead-lettered over window."""
+    return f"tenant:embedding_jobs_dead_lettered:ratio{window}"
 
 
 def duration_p95_record(window: str) -> str:
@@ -115,6 +194,10 @@ def _number(value: Decimal | float) -> str:
 
 def _percent(value: Decimal) -> str:
     return _number(value * 100) + "%"
+
+
+def _is(label: str, value: str) -> str:
+    return f'{label}="{value}"'
 
 
 def _runbook(params: RuleParams, alert: str) -> str:
@@ -153,27 +236,58 @@ def _alert(
     return rule
 
 
+def counted(params: RuleParams, matchers: str, window: str, *, metric: str = ATTEMPTS) -> str:
+    """Per series, what a counter counted over window, its first value included when it is new in the window.
+
+    A series first scraped at 1 (a tenant's first attempt on an exporter that had no zero series
+    for it, or a new pod) has increase() 0: a series absent before the window counts its value instead.
+    """
+    series = metric + params.matchers(matchers)
+    # A series is new when it had no sample in the hour before the window: a scrape gap shorter
+    # than that never makes an old series count its whole total.
+    before = f"present_over_time({series}[{params.appearance_lookback}] offset {window})"
+    return f"(increase({series}[{window}]) and {before})\n  or\n  ({series} unless {before})"
+
+
+def _counted_sum(params: RuleParams, matchers: str, window: str, *labels: str, metric: str = ATTEMPTS) -> str:
+    return f"sum by {params.by(*labels)} (\n  {counted(params, matchers, window, metric=metric)}\n)"
+
+
 def recording_rules(params: RuleParams) -> list[dict[str, object]]:
-    """Per-tenant error ratios for every window in use, and the p95 attempt duration."""
+    """Per tenant: attempts and their error ratio, finished jobs and their dead-lettered share, p95 duration."""
+    p = params
     errors = "|".join(ERROR_OUTCOMES)
-    rules: list[dict[str, object]] = [
-        {
-            "record": error_ratio_record(window),
-            "expr": (
-                f'sum by (tenant) (rate(embedding_job_attempts_total{{outcome=~"{errors}"}}[{window}]))\n'
-                "/\n"
-                f"sum by (tenant) (rate(embedding_job_attempts_total[{window}]))"
-            ),
-        }
-        for window in params.ratio_windows
-    ]
-    window = params.duration_window
+    finals = "|".join(FINAL_OUTCOMES)
+    rules: list[dict[str, object]] = []
+    for window in p.ratio_windows:
+        rules.append({"record": attempts_record(window), "expr": _counted_sum(p, "", window, "tenant")})
+        rules.append(
+            {
+                "record": error_ratio_record(window),
+                "expr": _counted_sum(p, f'outcome=~"{errors}"', window, "tenant")
+                # No ratio (rather than NaN) for a tenant without attempts in the window.
+                + f"\n/\n({attempts_record(window)} > 0)",
+            }
+        )
+    for window in p.slo_windows:
+        rules.append(
+            {"record": finished_record(window), "expr": _counted_sum(p, f'outcome=~"{finals}"', window, "tenant")}
+        )
+        rules.append(
+            {
+                "record": dead_letter_ratio_record(window),
+                "expr": _counted_sum(p, 'outcome="dead_lettered"', window, "tenant")
+                + f"\n/\n({finished_record(window)} > 0)",
+            }
+        )
+    window = p.duration_window
     rules.append(
         {
             "record": duration_p95_record(window),
             "expr": (
                 "histogram_quantile(0.95,\n"
-                f"  sum by (tenant, le) (rate(embedding_job_duration_seconds_bucket[{window}]))\n"
+                f"  sum by {p.by('tenant', 'le')} "
+                f"(rate(embedding_job_duration_seconds_bucket{p.matchers()}[{window}]))\n"
                 ")"
             ),
         }
@@ -187,9 +301,11 @@ def _burn_expr(params: RuleParams, windows: Sequence[BurnWindow]) -> str:
         threshold = _number(Decimal(str(burn.factor)) * params.error_budget)
         terms.append(
             "(\n"
-            f"  {error_ratio_record(burn.long)} > {threshold}\n"
+            f"  {dead_letter_ratio_record(burn.long)} > {threshold}\n"
             "and\n"
-            f"  {error_ratio_record(burn.short)} > {threshold}\n"
+            f"  {dead_letter_ratio_record(burn.short)} > {threshold}\n"
+            "and\n"
+            f"  {finished_record(burn.long)} >= {params.min_finished_jobs}\n"
             ")"
         )
     return "\nor\n".join(terms)
@@ -208,9 +324,10 @@ def _burn_alert(
         severity=severity,
         summary="Tenant {{ $labels.tenant }} is burning its embedding error budget "
         f"at {_number(slowest)}x the sustainable rate or faster",
-        description="Tenant {{ $labels.tenant }}: {{ $value | humanizePercentage }} of job attempts failed "
-        f"over the last {longs}, against an error budget of {_percent(params.error_budget)} "
-        f"(SLO: {_percent(Decimal(str(params.slo)))} of attempts succeed).",
+        description="Tenant {{ $labels.tenant }}: {{ $value | humanizePercentage }} of finished jobs were "
+        f"dead-lettered over the last {longs}, against an error budget of {_percent(params.error_budget)} "
+        f"(SLO: {_percent(Decimal(str(params.slo)))} of finished jobs complete; tenants with fewer than "
+        f"{params.min_finished_jobs} finished jobs in the window are not judged).",
         tenant=True,
     )
 
@@ -223,9 +340,21 @@ def alerting_rules(params: RuleParams) -> list[dict[str, object]]:
         _burn_alert(p, "EmbeddingJobsErrorBudgetBurnSlow", p.ticket_windows, for_=p.ticket_for, severity="warning"),
         _alert(
             p,
+            "EmbeddingJobsAttemptsFailing",
+            f"{error_ratio_record(p.attempt_window)} > {_number(p.attempt_error_ratio)}\n"
+            f"and\n{attempts_record(p.attempt_window)} >= {p.min_attempts}",
+            for_=p.attempt_for,
+            severity="warning",
+            summary="Many embedding job attempts of tenant {{ $labels.tenant }} fail",
+            description="Tenant {{ $labels.tenant }}: {{ $value | humanizePercentage }} of job attempts failed "
+            f"over the last {p.attempt_window} (threshold {_percent(Decimal(str(p.attempt_error_ratio)))}). "
+            "Retries may still complete the jobs; dead-lettered jobs, if any, burn the error budget.",
+            tenant=True,
+        ),
+        _alert(
+            p,
             "EmbeddingJobsDeadLettered",
-            'sum by (tenant) (increase(embedding_job_attempts_total{outcome="dead_lettered"}'
-            f"[{p.dead_letter_window}])) > 0",
+            _counted_sum(p, 'outcome="dead_lettered"', p.dead_letter_window, "tenant") + " > 0",
             for_="0s",
             severity="warning",
             summary="Tenant {{ $labels.tenant }} has dead-lettered embedding jobs",
@@ -237,7 +366,7 @@ def alerting_rules(params: RuleParams) -> list[dict[str, object]]:
         _alert(
             p,
             "EmbeddingJobsStuckPending",
-            'max by (tenant) (embedding_jobs_stuck{status="pending"}) > 0',
+            f"max by {p.by('tenant')} (embedding_jobs_stuck{p.matchers(_is('status', 'pending'))}) > 0",
             for_=p.stuck_for,
             severity="warning",
             summary="Tenant {{ $labels.tenant }} has embedding jobs stuck in pending",
@@ -248,7 +377,7 @@ def alerting_rules(params: RuleParams) -> list[dict[str, object]]:
         _alert(
             p,
             "EmbeddingJobsStuckProcessing",
-            'max by (tenant) (embedding_jobs_stuck{status="processing"}) > 0',
+            f"max by {p.by('tenant')} (embedding_jobs_stuck{p.matchers(_is('status', 'processing'))}) > 0",
             for_=p.stuck_for,
             severity="warning",
             summary="Tenant {{ $labels.tenant }} has embedding jobs stuck in processing",
@@ -259,9 +388,8 @@ def alerting_rules(params: RuleParams) -> list[dict[str, object]]:
         _alert(
             p,
             "EmbeddingJobsWorkerStalled",
-            'max by (queue) (embedding_queue_messages{state="active"}) > 0\n'
-            "unless on ()\n"
-            f'sum(increase(embedding_job_attempts_total{{outcome="completed"}}[{p.stall_window}])) > 0',
+            f"max by {p.by('queue')} (embedding_queue_messages{p.matchers(_is('state', 'active'))}) > 0\n"
+            f"unless on {p.by()}\n" + _counted_sum(p, 'outcome="completed"', p.stall_window) + " > 0",
             for_=p.stall_for,
             severity="critical",
             summary="Embedding queue {{ $labels.queue }} has a backlog but no job completes",
@@ -284,7 +412,7 @@ def alerting_rules(params: RuleParams) -> list[dict[str, object]]:
         _alert(
             p,
             "EmbeddingQueueDeadLetterMessages",
-            'max by (queue) (embedding_queue_messages{state="dead_letter"}) > 0',
+            f"max by {p.by('queue')} (embedding_queue_messages{p.matchers(_is('state', 'dead_letter'))}) > 0",
             for_=p.dead_letter_queue_for,
             severity="warning",
             summary="Embedding queue {{ $labels.queue }} has messages in its dead-letter sub-queue",
@@ -295,9 +423,9 @@ def alerting_rules(params: RuleParams) -> list[dict[str, object]]:
         _alert(
             p,
             "EmbeddingExporterStoreRefreshFailing",
-            "sum by (job) (rate(embedding_exporter_store_refresh_errors_total"
+            f"sum by {p.by()} (rate(embedding_exporter_store_refresh_errors_total{p.matchers()}"
             f"[{p.refresh_window}]))\n/\n"
-            "sum by (job) (rate(embedding_exporter_store_refresh_duration_seconds_count"
+            f"sum by {p.by()} (rate(embedding_exporter_store_refresh_duration_seconds_count{p.matchers()}"
             f"[{p.refresh_window}]))\n> {_number(p.refresh_error_ratio)}",
             for_=p.refresh_for,
             severity="warning",
@@ -309,7 +437,7 @@ def alerting_rules(params: RuleParams) -> list[dict[str, object]]:
         _alert(
             p,
             "EmbeddingExporterStateStale",
-            "time() - max by (job) (embedding_exporter_store_last_success_timestamp_seconds)\n"
+            f"time() - max by {p.by()} (embedding_exporter_store_last_success_timestamp_seconds{p.matchers()})\n"
             f"> {_number(p.stale_after_seconds)}",
             for_=p.stale_for,
             severity="warning",
@@ -324,9 +452,9 @@ def alerting_rules(params: RuleParams) -> list[dict[str, object]]:
         _alert(
             p,
             "EmbeddingExporterQueueDepthFailing",
-            "sum by (job, queue) (rate(embedding_exporter_queue_depth_errors_total"
+            f"sum by {p.by('queue')} (rate(embedding_exporter_queue_depth_errors_total{p.matchers()}"
             f"[{p.refresh_window}]))\n/\n"
-            "sum by (job, queue) (rate(embedding_exporter_queue_depth_duration_seconds_count"
+            f"sum by {p.by('queue')} (rate(embedding_exporter_queue_depth_duration_seconds_count{p.matchers()}"
             f"[{p.refresh_window}]))\n> {_number(p.refresh_error_ratio)}",
             for_=p.refresh_for,
             severity="warning",
@@ -340,7 +468,8 @@ def alerting_rules(params: RuleParams) -> list[dict[str, object]]:
         _alert(
             p,
             "EmbeddingExporterQueueDepthStale",
-            "time() - max by (job, queue) (embedding_exporter_queue_depth_last_success_timestamp_seconds)\n"
+            f"time() - max by {p.by('queue')} "
+            f"(embedding_exporter_queue_depth_last_success_timestamp_seconds{p.matchers()})\n"
             f"> {_number(p.stale_after_seconds)}",
             for_=p.stale_for,
             severity="warning",
@@ -353,7 +482,7 @@ def alerting_rules(params: RuleParams) -> list[dict[str, object]]:
         _alert(
             p,
             "EmbeddingExporterNoStateLeader",
-            "sum by (job) (embedding_exporter_state_leader) == 0",
+            f"sum by {p.by()} (embedding_exporter_state_leader{p.matchers()}) == 0",
             for_=p.no_leader_for,
             severity="warning",
             summary="No embedding-jobs exporter of {{ $labels.job }} reads the job store",
@@ -365,23 +494,27 @@ def alerting_rules(params: RuleParams) -> list[dict[str, object]]:
         _alert(
             p,
             "EmbeddingExporterDown",
-            f'up{{job="{p.job}"}} == 0',
+            f"up{p.matchers()} == 0",
             for_=p.target_down_for,
             severity="critical",
             summary="Prometheus cannot scrape the embedding-jobs exporter {{ $labels.instance }}",
-            description=f"Scrapes of {{{{ $labels.instance }}}} (job {p.job}) have failed for {p.target_down_for}: "
+            description="Scrapes of {{ $labels.instance }} (job {{ $labels.job }}) have failed for "
+            f"{p.target_down_for}: "
             "no metrics, and no alerts from them, for that pod.",
             tenant=False,
         ),
         _alert(
             p,
             "EmbeddingExporterAbsent",
-            f'absent(up{{job="{p.job}"}})',
+            f"absent(up{p.matchers()})\n"
+            # Scaled to zero on purpose (KEDA, an idle queue): no target is expected.
+            f"unless on ()\nmax(kube_deployment_spec_replicas{{{p.deployment_selector}}}) == 0",
             for_=p.target_absent_for,
             severity="warning",
-            summary=f"Prometheus has no scrape target with job={p.job}",
-            description=f"No target with the label job={p.job} has existed for {p.target_absent_for}: either "
-            "nothing is deployed, service discovery lost it, or the rules were rendered for another job label.",
+            summary=f"Prometheus has no embedding-jobs scrape target matching {{{p.selector}}}",
+            description=f"No target matching {{{p.selector}}} has existed for {p.target_absent_for} while the worker "
+            "Deployment is not scaled to zero: either nothing is deployed, service discovery lost it, the pods "
+            "cannot start, or the rules were rendered for another job label.",
             tenant=False,
         ),
     ]
@@ -398,7 +531,9 @@ def tracking_alerts(params: RuleParams) -> list[dict[str, object]]:
         _alert(
             params,
             "EmbeddingWorkerTrackingWritesDropped",
-            f"sum by (job) (increase(embedding_worker_tracking_dropped_writes_total[{TRACKING_DROP_WINDOW}])) > 0",
+            # Counted like the attempts: a worker whose first report already holds drops is seen.
+            _counted_sum(params, "", TRACKING_DROP_WINDOW, metric="embedding_worker_tracking_dropped_writes_total")
+            + " > 0",
             for_="0m",
             severity="warning",
             summary="Embedding workers of {{ $labels.job }} dropped job-status writes",
@@ -424,26 +559,62 @@ def render(params: RuleParams) -> str:
     """The rule file's text for params."""
     header = (
         "# Generated by `python -m alerts.build` from alerts/build.py: do not edit by hand.\n"
-        f"# SLO: {_percent(Decimal(str(params.slo)))} of job attempts succeed; scrape job label: {params.job}.\n"
+        f"# SLO: {_percent(Decimal(str(params.slo)))} of finished jobs complete; "
+        f"selector: {{{params.selector}}}; grouping labels: {', '.join(params.group_by)}.\n"
     )
     return header + dump(rule_groups(params))
 
 
+def render_chart() -> str:
+    """The rules the chart embeds: the defaults, with placeholders its template replaces by values.
+
+    Every string value is a literal block, so the template can put any one-line value in as it is.
+    """
+    header = (
+        "# Generated by `python -m alerts.build` from alerts/build.py: do not edit by hand.\n"
+        "# The chart's PrometheusRule template replaces the __EMBEDDING_JOBS_*__ placeholders with its values.\n"
+    )
+    return header + dump(rule_groups(CHART_PARAMS), quote_all=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Write the rules rendered with the defaults, or with the few values a deployment changes."""
+    """Write the rules rendered with the defaults (and the chart's copy), or with the values a deployment changes."""
     defaults = RuleParams()
     parser = argparse.ArgumentParser(prog="python -m alerts.build", description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=RULES_FILE, help="file to write (default: %(default)s)")
-    parser.add_argument("--slo", type=float, default=defaults.slo, help="share of attempts that must succeed")
-    parser.add_argument("--job", default=defaults.job, help="the exporter's scrape job label")
+    parser.add_argument("--output", type=Path, default=None, help=f"file to write (default: {RULES_FILE})")
+    parser.add_argument("--slo", type=float, default=defaults.slo, help="share of finished jobs that must complete")
+    parser.add_argument("--selector", default=defaults.selector, help="label matchers of the exporter's series")
+    parser.add_argument(
+        "--group-by",
+        default=",".join(defaults.group_by),
+        help="comma-separated labels every aggregation keeps (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--deployment-selector",
+        default=defaults.deployment_selector,
+        help="kube-state-metrics matchers of the worker Deployment",
+    )
     parser.add_argument("--runbook-url", default=defaults.runbook_url, help="URL of alerts/runbooks.md")
     parser.add_argument("--grafana-url", default=defaults.grafana_url, help="base URL of Grafana")
     args = parser.parse_args(argv)
     if not 0 < args.slo < 1:
         parser.error("--slo must be between 0 and 1, e.g. 0.99")
-    params = RuleParams(slo=args.slo, job=args.job, runbook_url=args.runbook_url, grafana_url=args.grafana_url)
-    args.output.write_text(render(params), encoding="utf-8")
-    print(f"wrote {args.output}")
+    if not args.selector.strip():
+        parser.error('--selector must hold at least one matcher, e.g. job="embedding-jobs"')
+    params = RuleParams(
+        slo=args.slo,
+        selector=args.selector,
+        group_by=tuple(label.strip() for label in args.group_by.split(",") if label.strip()),
+        deployment_selector=args.deployment_selector,
+        runbook_url=args.runbook_url,
+        grafana_url=args.grafana_url,
+    )
+    outputs = {args.output or RULES_FILE: render(params)}
+    if args.output is None:
+        outputs[CHART_RULES_FILE] = render_chart()
+    for path, text in outputs.items():
+        path.write_text(text, encoding="utf-8")
+        print(f"wrote {path}")
     return 0
 
 

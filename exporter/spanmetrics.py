@@ -92,6 +92,7 @@ class SpanMetrics(Collector):
             raise ValueError(f"detail must be one of {', '.join(m.DETAIL_LEVELS)}; got {detail!r}")
         self.tenants = tenants or TenantLimiter(tenant_limit)
         self.tenants.on_evict(self._evict)
+        self.tenants.on_admit_known(self._zero_initialise)
         self.by_outcome = detail == "full"
         self.duration_buckets = m.DURATION_BUCKETS_FULL if self.by_outcome else m.DURATION_BUCKETS
         self.wait_buckets = m.QUEUE_WAIT_BUCKETS_FULL if self.by_outcome else m.QUEUE_WAIT_BUCKETS
@@ -175,6 +176,16 @@ class SpanMetrics(Collector):
             self._received[source_index] += counted
         return counted
 
+    def _zero_initialise(self, tenants: list[str]) -> None:
+        # Counters a tenant has before its first span: an alert then sees 0 -> 1 on its first
+        # dead-letter. Only tenants the store knows, within the label limit, and only the counters
+        # (4 samples; histograms appear with the first span), so the series budget holds. Followers
+        # never read the store: the rules count a series' appearance for them.
+        with self._lock:
+            for name in tenants:
+                if name not in self._series:
+                    self._series[name] = _Tenant(*self._shape, len(self.wait_buckets) + 1)
+
     def _evict(self, tenant: str) -> None:
         with self._lock:
             self._series.pop(tenant, None)
@@ -209,7 +220,7 @@ class SpanMetrics(Collector):
                     histogram = data.durations[i]
                     if any(histogram.counts):
                         ex.histogram(out, m.JOB_DURATION, f"{fragment},{outcome}", les, histogram, openmetrics)
-            else:
+            elif any(data.durations[0].counts):  # empty only for a zero-initialised tenant: no buckets yet
                 ex.histogram(out, m.JOB_DURATION, fragment, les, data.durations[0], openmetrics)
         ex.header(out, m.QUEUE_WAIT, m.QUEUE_WAIT_HELP, "histogram", openmetrics, m.SECONDS)
         les = ex.bucket_bounds(self.wait_buckets)
@@ -244,7 +255,7 @@ class SpanMetrics(Collector):
                 for i, outcome in enumerate(m.ATTEMPT_OUTCOMES):
                     if any(data.durations[i].counts):
                         _add_histogram(duration, [tenant, outcome], self.duration_buckets, data.durations[i])
-            else:
+            elif any(data.durations[0].counts):
                 _add_histogram(duration, [tenant], self.duration_buckets, data.durations[0])
             if any(data.wait.counts):
                 _add_histogram(wait, [tenant], self.wait_buckets, data.wait)

@@ -26,6 +26,11 @@ class TenantLimiter:
         self.evicted = 0
         self._lock = threading.Lock()
         self._on_evict: list[Callable[[str], None]] = []
+        self._on_admit_known: list[Callable[[list[str]], None]] = []
+
+    def on_admit_known(self, callback: Callable[[list[str]], None]) -> None:
+        """Call callback(tenants) with the store's tenants that hold a label place, after each admission."""
+        self._on_admit_known.append(callback)
 
     def on_evict(self, callback: Callable[[str], None]) -> None:
         """Call callback(tenant) when a span-only tenant loses its label to a tenant the store knows."""
@@ -57,8 +62,6 @@ class TenantLimiter:
             known = set(tenants)
             self._known |= known
             waiting = sorted(t for t in known if t not in self._admitted)
-            if not waiting:
-                return
             room = self.limit - len(self._admitted)
             if room < len(waiting):
                 span_only = sorted(self._admitted - self._known)
@@ -71,6 +74,9 @@ class TenantLimiter:
                 self._admitted.add(tenant)
                 self._folded.discard(tenant)
             self._folded.update(waiting[room:])
+            labelled = sorted(known & self._admitted)
         for tenant in evicted:
             for callback in self._on_evict:
                 callback(tenant)
+        for admitted in self._on_admit_known:
+            admitted(labelled)

@@ -28,7 +28,7 @@ INSTALL_HELM = REPO / "scripts" / "install-helm"
 SCHEMA = CHART / "values.schema.json"
 README = CHART / "README.md"
 # Repository folder -> the files of it the chart embeds, under files/<folder>.
-COPIED = {"alerts": "*.rules.yaml", "dashboards": "*.json"}
+COPIED = {"alerts": "*.rules.tpl", "dashboards": "*.json"}
 # Settings the chart derives from its own values, so `config` must not set them a second time.
 CHART_OWNED_SETTINGS = {
     "exporter_host": "exporter.listenHost",

@@ -10,7 +10,17 @@ import pytest
 import yaml
 
 from alerts import build
-from alerts.build import BurnWindow, RuleParams, recording_rules, render, rule_groups, seconds
+from alerts.build import (
+    CHART_PARAMS,
+    PLACEHOLDERS,
+    BurnWindow,
+    RuleParams,
+    recording_rules,
+    render,
+    render_chart,
+    rule_groups,
+    seconds,
+)
 from dashboards import uids
 from tests.components import require_binary
 from tests.prometheus_stack import INSTALL_HINT
@@ -32,14 +42,18 @@ ALERT_NAMES = [str(rule["alert"]) for rule in every_alert(RuleParams())]
 PER_TENANT = {
     "EmbeddingJobsErrorBudgetBurnFast",
     "EmbeddingJobsErrorBudgetBurnSlow",
+    "EmbeddingJobsAttemptsFailing",
     "EmbeddingJobsDeadLettered",
     "EmbeddingJobsStuckPending",
     "EmbeddingJobsStuckProcessing",
     "EmbeddingJobsSlow",
 }
+# Series of other exporters the rules read: kube-state-metrics tells a Deployment scaled to zero.
+EXTERNAL_SERIES = {"kube_deployment_spec_replicas"}
 OTHER_PARAMS = RuleParams(
     slo=0.995,
-    job="default/embedding-jobs",
+    selector='job="default/embedding-jobs", env!="dev"',
+    group_by=("cluster",),
     page_windows=(BurnWindow(long="30s", short="10s", factor=14.4),),
     page_for="0s",
     dead_letter_window="10s",
@@ -58,6 +72,51 @@ def test_committed_rules_match_the_generator() -> None:
     )
 
 
+def test_committed_chart_rules_match_the_generator() -> None:
+    assert build.CHART_RULES_FILE.read_text(encoding="utf-8") == render_chart(), (
+        f"{build.CHART_RULES_FILE} differs from what alerts/build.py renders: run `python -m alerts.build`"
+    )
+
+
+def test_chart_rules_with_the_defaults_put_in_are_the_committed_rules() -> None:
+    text = render_chart()
+    defaults = RuleParams()
+    values = {
+        "selector": defaults.selector,
+        "group_by": ", ".join(defaults.group_by),
+        "deployment_selector": defaults.deployment_selector,
+        "runbook_url": defaults.runbook_url,
+        "grafana_url": defaults.grafana_url,
+    }
+    for name, placeholder in PLACEHOLDERS.items():
+        assert placeholder in text, name
+        text = text.replace(placeholder, values[name])
+    assert yaml.safe_load(text) == rule_groups(defaults)
+    assert CHART_PARAMS.selector == PLACEHOLDERS["selector"]
+
+
+def test_every_counter_read_counts_a_new_series_value() -> None:
+    # Plain increase() misses a tenant's first event when its series appears at 1.
+    for rule in recording_rules(RuleParams()) + every_alert(RuleParams()):
+        expr = str(rule["expr"])
+        for match in re.finditer(r"increase\((embedding_job_attempts_total\{[^}]*\})\[(\w+)\]\)", expr):
+            series, window = match.groups()
+            before = f"present_over_time({series}[1h] offset {window})"
+            assert f"({series} unless {before})" in expr, rule.get("record") or rule.get("alert")
+
+
+def test_every_selector_carries_the_deployment_selector_and_every_aggregation_its_labels() -> None:
+    params = OTHER_PARAMS
+    for rule in recording_rules(params) + every_alert(params):
+        expr = str(rule["expr"])
+        name = rule.get("record") or rule.get("alert")
+        for selector in re.findall(r"\b(?:embedding_\w+|up)\{([^}]*)\}", expr):
+            assert selector.startswith(params.selector), (name, selector)
+        for grouping in re.findall(r"\b(?:by|on) \(([^)]*)\)", expr):
+            if grouping:
+                assert grouping.split(", ")[-1] == "cluster", (name, grouping)
+
+
 def test_promtool_accepts_the_committed_rules() -> None:
     result = promtool("check", "rules", str(build.RULES_FILE))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -69,8 +128,9 @@ def test_promtool_accepts_rules_rendered_with_other_parameters(tmp_path: Path) -
     result = promtool("check", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
     text = path.read_text()
-    assert "tenant:embedding_job_attempt_errors:ratio_rate30s > 0.072" in text
-    assert 'up{job="default/embedding-jobs"} == 0' in text
+    assert "tenant:embedding_jobs_dead_lettered:ratio30s > 0.072" in text
+    assert 'up{job="default/embedding-jobs", env!="dev"} == 0' in text
+    assert "sum by (tenant, cluster)" in text
 
 
 @pytest.mark.parametrize("params", [RuleParams(), OTHER_PARAMS], ids=["default", "test"])
@@ -126,7 +186,7 @@ def test_every_alert_has_a_runbook_section_saying_what_it_means_how_to_check_and
 def test_rules_reference_only_exported_or_recorded_metrics() -> None:
     known = known_series()
     for rule in recording_rules(RuleParams()) + every_alert(RuleParams()):
-        unknown = metric_names(str(rule["expr"])) - known
+        unknown = metric_names(str(rule["expr"])) - known - EXTERNAL_SERIES
         assert not unknown, f"{rule.get('record') or rule.get('alert')} uses unknown metrics {unknown}"
 
 
@@ -135,8 +195,37 @@ def test_every_burn_rate_window_has_a_recording_rule() -> None:
     recorded = {rule["record"] for rule in recording_rules(params)}
     for burn in params.page_windows + params.ticket_windows:
         for window in (burn.long, burn.short):
-            assert build.error_ratio_record(window) in recorded
+            assert build.dead_letter_ratio_record(window) in recorded
+        assert build.finished_record(burn.long) in recorded
+    for window in build.DASHBOARD_WINDOWS:
+        assert build.error_ratio_record(window) in recorded
     assert params.ratio_windows == sorted(params.ratio_windows, key=seconds)
+    assert params.slo_windows == sorted(params.slo_windows, key=seconds)
+
+
+def test_the_tiers_are_the_sre_workbook_s() -> None:
+    params = RuleParams()
+    pages = {(b.long, b.short, b.factor) for b in params.page_windows}
+    tickets = {(b.long, b.short, b.factor) for b in params.ticket_windows}
+    assert pages == {("1h", "5m", 14.4), ("6h", "30m", 6)}
+    assert tickets == {("1d", "2h", 3), ("3d", "6h", 1)}
+
+
+def test_the_generator_refuses_an_empty_selector(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    output = tmp_path / "rules.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        build.main(["--selector", " ", "--output", str(output)])
+    assert exit_info.value.code == 2
+    assert "--selector must hold at least one matcher" in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_the_generator_renders_a_deployment_s_parameters(tmp_path: Path) -> None:
+    output = tmp_path / "rules.yaml"
+    argv = ["--selector", 'job="prod/ej"', "--group-by", "namespace, cluster", "--output", str(output)]
+    assert build.main(argv) == 0
+    expected = RuleParams(selector='job="prod/ej"', group_by=("namespace", "cluster"))
+    assert yaml.safe_load(output.read_text()) == rule_groups(expected)
 
 
 def test_durations_parse_like_prometheus() -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from alerts.build import RULES_FILE, RuleParams, rule_groups
 from jobs.settings import ENV_PREFIX, Settings
 from tests.components import missing
 from tests.helm_tools import (
@@ -681,16 +682,66 @@ def test_schema_config_and_readme_table_are_generated_from_current_sources() -> 
 def test_prometheus_rule_holds_the_repository_alert_rules(
     all_on: list[Manifest], all_on_values: dict[str, Any]
 ) -> None:
-    sources = sorted(source for source in copied_sources().values() if source.parent.name == "alerts")
-    if not sources:
-        pytest.skip("alerts/ has no *.rules.yaml yet")
-    groups = [group for source in sources for group in yaml.safe_load(source.read_text())["groups"]]
-    assert one(all_on, "PrometheusRule")["spec"]["groups"] == groups
-    # The rules select their scrape target by job; the ServiceMonitor must give the series that job.
-    jobs = set(re.findall(r'\bjob="([^"]+)"', "".join(source.read_text() for source in sources)))
+    if chart_lacks("alerts"):
+        pytest.skip("alerts/ has no rules for the chart yet")
+    rendered = one(all_on, "PrometheusRule")["spec"]["groups"]
+    # The rules select their scrape target by the job the ServiceMonitor gives the series.
     (endpoint,) = one(all_on, "ServiceMonitor")["spec"]["endpoints"]
     relabel = {(r["action"], r["targetLabel"]): r["replacement"] for r in endpoint["relabelings"]}
-    assert jobs <= {relabel[("replace", "job")]}, (jobs, relabel)
+    params = RuleParams(
+        selector=f'job="{relabel[("replace", "job")]}"',
+        deployment_selector='namespace="jobs", deployment="ej-embedding-jobs"',
+    )
+    assert rendered == rule_groups(params)["groups"]
+
+
+def test_prometheus_rule_with_default_values_equals_the_committed_rules(helm: Helm) -> None:
+    if chart_lacks("alerts"):
+        pytest.skip("alerts/ has no rules for the chart yet")
+    manifests = render(helm, TRIAL, set_values=("prometheusRule.enabled=true", "fullnameOverride=embedding-jobs"))
+    rendered = one(manifests, "PrometheusRule")["spec"]["groups"]
+    # The one value the chart derives from the release: the Deployment's namespace and name.
+    committed = RULES_FILE.read_text().replace(
+        'deployment="embedding-jobs"', 'namespace="jobs", deployment="embedding-jobs"'
+    )
+    assert rendered == yaml.safe_load(committed)["groups"]
+
+
+def test_prometheus_rule_takes_selector_grouping_and_links_from_values(helm: Helm, tmp_path: Path) -> None:
+    if chart_lacks("alerts"):
+        pytest.skip("alerts/ has no rules for the chart yet")
+    selector = "job=~\"jobs/.*\", env!='dev'"
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        yaml.safe_dump(
+            {
+                "prometheusRule": {
+                    "enabled": True,
+                    "selector": selector,
+                    "groupBy": ["cluster", "env"],
+                    "runbookUrl": "https://runbooks.example.com/embedding-jobs.md",
+                    "grafanaUrl": "https://grafana.example.com/",
+                }
+            }
+        )
+    )
+    manifests = render(helm, TRIAL, values)
+    groups = one(manifests, "PrometheusRule")["spec"]["groups"]
+    params = RuleParams(
+        selector=selector,
+        group_by=("cluster", "env"),
+        deployment_selector='namespace="jobs", deployment="ej-embedding-jobs"',
+        runbook_url="https://runbooks.example.com/embedding-jobs.md",
+        grafana_url="https://grafana.example.com/",
+    )
+    assert groups == rule_groups(params)["groups"]
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        missing("promtool not installed (apt-get install prometheus)")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump({"groups": groups}))
+    result = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_dashboard_config_maps_hold_the_repository_dashboards(all_on: list[Manifest]) -> None:

@@ -6,7 +6,9 @@ retried once and dead-lettered (`--max-attempts 2`). Prometheus scrapes the expo
 second and evaluates a test rendering of the rules (short burn-rate windows, same
 expressions); Alertmanager delivers to a local webhook. The test checks that every dashboard
 query and recording rule returns data, that the failure-ratio and dead-letter alerts fire and
-arrive, and that they resolve once the embeddings server is healthy again.
+arrive, and that they resolve once the embeddings server is healthy again. A second run checks
+a tenant never seen before: its first job dead-letters and the dead-letter alert reaches the
+webhook, while the burn-rate page stays silent for a tenant with too few finished jobs.
 """
 
 from __future__ import annotations
@@ -54,8 +56,9 @@ TEST_RULES = RuleParams(
     page_windows=(BurnWindow(long="30s", short="10s", factor=14.4),),
     page_for="1s",
     dead_letter_window="10s",
-    job=JOB,
+    selector=f'job="{JOB}"',
 )
+NEW_TENANT = "newco"
 # Grafana's variables, as the dashboards would resolve them while looking at acme.
 VARIABLES = {"$__rate_interval": "1m", "$tenant": TENANT, "$job": JOB}
 # Queries that have no data in a healthy run, and why.
@@ -274,3 +277,29 @@ def test_alerts_fire_reach_the_webhook_and_resolve_and_every_dashboard_query_has
     webhook.wait("resolved", 30, **dead_labels)
     completed = prometheus.query(f'sum(embedding_job_attempts_total{{tenant="{TENANT}", outcome="completed"}})')
     assert finite_values(completed)[0] > 0
+
+
+def test_a_new_tenants_first_dead_letter_alerts_and_too_few_jobs_do_not_page(stack: Stack, tmp_path: Path) -> None:
+    prometheus, webhook = stack.prometheus, stack.webhook
+    wait_until(lambda: has_data(prometheus, "up"), 30, "a first scrape of the exporter")
+    assert not has_data(prometheus, f'embedding_job_attempts_total{{tenant="{NEW_TENANT}"}}')
+    ingest(stack.data_dir, write_jsonl(tmp_path / "new.jsonl", shards(NEW_TENANT, "first", 1, poisoned=True)))
+
+    dead = webhook.wait("firing", 30, alertname="EmbeddingJobsDeadLettered", tenant=NEW_TENANT)
+    assert NEW_TENANT in dead["annotations"]["description"]
+    assert dead["annotations"]["dashboard_url"].endswith(f"var-tenant={NEW_TENANT}")
+
+    # Its dead-lettered share is a number (1: its only finished job), not NaN, in both page windows,
+    # and has been over the page threshold for several rule evaluations (1 s apart)...
+    ratio = 'tenant:embedding_jobs_dead_lettered:ratio{window}{{tenant="{tenant}"}}'
+    short = ratio.format(window="10s", tenant=NEW_TENANT)
+    long = ratio.format(window="30s", tenant=NEW_TENANT)
+    held = f"({short} > 0.144) and ({long} > 0.144) and (count_over_time({short}[10s]) >= 4)"
+    wait_until(lambda: has_data(prometheus, held), 20, f"{NEW_TENANT}'s dead-lettered ratios over the page threshold")
+    assert finite_values(prometheus.query(long)) == [1.0]
+    finished = prometheus.query(f'tenant:embedding_jobs_finished:increase30s{{tenant="{NEW_TENANT}"}}')
+    assert finite_values(finished) == [1.0]
+    # ...yet one finished job is below the minimum traffic: no page, pending or firing.
+    burn = f'ALERTS{{alertname="EmbeddingJobsErrorBudgetBurnFast", tenant="{NEW_TENANT}"}}'
+    assert prometheus.query(burn) == []
+    assert webhook.find("firing", alertname="EmbeddingJobsErrorBudgetBurnFast", tenant=NEW_TENANT) is None

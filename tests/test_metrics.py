@@ -387,3 +387,21 @@ async def test_received_spans_are_forwarded_upstream_and_failures_counted(
         assert sample(text, "embedding_job_attempts_total", {"tenant": "acme", "outcome": "completed"}) == 4
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize(("limit", "initialised"), [(1000, {"acme", "globex"}), (1, {"acme"})])
+async def test_tenants_the_store_knows_have_zero_attempt_counters_before_their_first_span(
+    aiohttp_client: AiohttpClient, seeded_store: SQLiteJobStore, limit: int, initialised: set[str]
+) -> None:
+    app = create_app(Settings(metrics_cache_ttl=0, tenant_label_limit=limit), seeded_store)
+    client = await aiohttp_client(app)
+    await asyncio.wait_for(app[STATE].refreshed.wait(), 10)
+    text = await scrape(client)
+    for tenant in ("acme", "globex"):
+        for outcome in ("completed", "failed", "dead_lettered"):
+            value = sample(text, "embedding_job_attempts_total", {"tenant": tenant, "outcome": outcome})
+            # Within the label limit a known tenant starts at 0; past it, it gets no series of its own.
+            assert value == (0 if tenant in initialised else None), (tenant, outcome)
+        assert sample(text, "embedding_vectors_total", {"tenant": tenant}) == (0 if tenant in initialised else None)
+    # Histograms come with the first span: a zero-initialised tenant costs 4 samples, not a full set.
+    assert 'embedding_job_duration_seconds_count{tenant="acme"}' not in text
