@@ -56,8 +56,9 @@ TEST_RULES = RuleParams(
     dead_letter_window="10s",
     job=JOB,
 )
-# Grafana's variables, as the dashboards would resolve them while looking at acme.
-VARIABLES = {"$__rate_interval": "1m", "$tenant": TENANT, "$job": JOB}
+# Grafana's variables, as the dashboards would resolve them while looking at acme. They open with
+# "All" (".*") cluster, namespace and job; this Prometheus gives the series no cluster or namespace.
+VARIABLES = {"$__rate_interval": "1m", "$tenant": TENANT, "$job": ".*", "$namespace": ".*", "$cluster": ".*"}
 # Queries that have no data in a healthy run, and why.
 NO_DATA_ALLOWED = {
     ("embedding-jobs-overview.json", "Spans", "B"): "spans are only dropped when malformed (none in this run)",
