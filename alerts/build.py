@@ -133,7 +133,8 @@ class RuleParams:
     def slo_windows(self) -> list[str]:
         """Windows with a final-outcome (dead-lettered among finished) recording rule, shortest first."""
         windows = {w for burn in self.page_windows + self.ticket_windows for w in (burn.long, burn.short)}
-        return sorted(windows, key=seconds)
+        # The dashboards' burn-rate panels read these windows whatever the alerts' tiers are.
+        return sorted(windows | set(DASHBOARD_WINDOWS), key=seconds)
 
     def matchers(self, *extra: str) -> str:
         """The label matchers of a selector: the deployment's own, then extra ones."""

@@ -2,8 +2,9 @@
 
 State gauges come from the one exporter holding the state lease and are read with `max by`,
 which stays right across a handover; event counters and histograms are per replica and are
-summed. Per-tenant time series are limited to the ten worst tenants so a large tenant count
-stays readable.
+summed. Per-tenant, per-queue and per-exporter series keep the deployment labels (cluster,
+namespace, job), so the same tenant in staging and prod stays two lines. Per-tenant time series
+are limited to the ten worst so a large tenant count stays readable.
 """
 
 from __future__ import annotations
@@ -12,30 +13,53 @@ from grafana_foundation_sdk.builders import dashboard, prometheus, table
 from grafana_foundation_sdk.models import common as common_models
 from grafana_foundation_sdk.models import dashboard as dashboard_models
 
-from alerts.build import DASHBOARD_WINDOWS, RuleParams, duration_p95_record, error_ratio_record
+from alerts.build import (
+    DASHBOARD_WINDOWS,
+    RuleParams,
+    dead_letter_ratio_record,
+    duration_p95_record,
+)
 from dashboards import uids
 from dashboards.panels import (
+    BY_DEPLOYMENT,
+    DEPLOYMENT_LEGEND,
     FULL,
     HALF,
     QUARTER,
     RATE,
+    SELECTOR,
     THIRD,
     dashboard_link,
+    dashboard_url,
     datasource_variable,
+    deployment_variables,
     heatmap_panel,
     query,
-    query_variable,
+    series,
     stat_panel,
     table_panel,
     timeseries_panel,
 )
+from dashboards.params import DashboardParams
 from jobs.model import JobStatus
 
 TOP = 10
+BY = BY_DEPLOYMENT
+ATTEMPTS = "embedding_job_attempts_total"
+# How long a scrape job counts as an embedding-jobs deployment after its exporters last served
+# metrics: long enough that "Targets up" shows a job whose targets are all down as 0, not as nothing.
+KNOWN_FOR = "1h"
+COMPLETED = 'outcome="completed"'
+DEAD_LETTERED = 'outcome="dead_lettered"'
+DEAD_LETTER_QUEUE = 'state="dead_letter"'
+BACKLOG = 'status=~"pending|processing|failed"'
+TENANT_LEGEND = f"{{{{tenant}}}} {DEPLOYMENT_LEGEND}"
+INSTANCE_LEGEND = f"{{{{instance}}}} {DEPLOYMENT_LEGEND}"
 
 
-def overview(params: RuleParams) -> dashboard.Dashboard:
-    """The overview dashboard; params supply the SLO and recording-rule windows the alerts use."""
+def overview(dashboard_params: DashboardParams) -> dashboard.Dashboard:
+    """The overview dashboard; the rule parameters supply the SLO and recording-rule windows the alerts use."""
+    params = dashboard_params.rules
     budget = float(params.error_budget)
     pages = " or ".join(f"{burn.factor:g} (over {burn.long} and {burn.short})" for burn in params.page_windows)
     window = DASHBOARD_WINDOWS[-1]
@@ -49,19 +73,14 @@ def overview(params: RuleParams) -> dashboard.Dashboard:
         .tooltip(dashboard_models.DashboardCursorSync.CROSSHAIR)
         .timezone("browser")
         .editable()
-        .link(dashboard_link("Tenant drill-down", uids.TENANT))
-        .with_variable(datasource_variable())
-        .with_variable(
-            query_variable(
-                "job", "Scrape job", "label_values(embedding_exporter_store_last_success_timestamp_seconds, job)"
-            )
-        )
+        .link(dashboard_link("Tenant drill-down", uids.TENANT, dashboard_params.grafana_url))
+        .variables([datasource_variable(), *deployment_variables(dashboard_params.default_job)])
         .with_row(dashboard.Row("Throughput and success"))
         .with_panel(
             stat_panel(
                 "Attempts / s",
                 "Job attempts per second across all tenants and replicas.",
-                [query(f"sum(rate(embedding_job_attempts_total[{RATE}]))")],
+                [query(f"sum(rate({series(ATTEMPTS)}[{RATE}]))")],
                 unit="ops",
                 width=QUARTER,
             )
@@ -70,12 +89,7 @@ def overview(params: RuleParams) -> dashboard.Dashboard:
             stat_panel(
                 "Success ratio",
                 "Share of attempts that completed (failed and dead-lettered attempts count against it).",
-                [
-                    query(
-                        f'sum(rate(embedding_job_attempts_total{{outcome="completed"}}[{RATE}]))\n'
-                        f"/\nsum(rate(embedding_job_attempts_total[{RATE}]))"
-                    )
-                ],
+                [query(f"sum(rate({series(ATTEMPTS, COMPLETED)}[{RATE}]))\n/\nsum(rate({series(ATTEMPTS)}[{RATE}]))")],
                 unit="percentunit",
                 width=QUARTER,
             )
@@ -84,7 +98,7 @@ def overview(params: RuleParams) -> dashboard.Dashboard:
             stat_panel(
                 "Vectors / s",
                 "Embedding vectors produced per second by completed attempts.",
-                [query(f"sum(rate(embedding_vectors_total[{RATE}]))")],
+                [query(f"sum(rate({series('embedding_vectors_total')}[{RATE}]))")],
                 unit="short",
                 width=QUARTER,
             )
@@ -92,8 +106,8 @@ def overview(params: RuleParams) -> dashboard.Dashboard:
         .with_panel(
             stat_panel(
                 "Dead-letter queue",
-                "Messages waiting in the queue's dead-letter sub-queue.",
-                [query('max(embedding_queue_messages{state="dead_letter"})')],
+                "Messages waiting in the queues' dead-letter sub-queues, every selected deployment together.",
+                [query(f"sum(max by ({BY}, queue) ({series('embedding_queue_messages', DEAD_LETTER_QUEUE)}))")],
                 unit="short",
                 width=QUARTER,
                 thresholds=[(1, "red")],
@@ -103,7 +117,7 @@ def overview(params: RuleParams) -> dashboard.Dashboard:
             timeseries_panel(
                 "Attempts by outcome",
                 "Job attempts per second: completed, failed (a retry follows) and dead-lettered (given up).",
-                [query(f"sum by (outcome) (rate(embedding_job_attempts_total[{RATE}]))", "{{outcome}}")],
+                [query(f"sum by (outcome) (rate({series(ATTEMPTS)}[{RATE}]))", "{{outcome}}")],
                 unit="ops",
                 stacked=True,
             )
@@ -115,9 +129,9 @@ def overview(params: RuleParams) -> dashboard.Dashboard:
                 [
                     query(
                         f"bottomk({TOP},\n"
-                        f'  sum by (tenant) (rate(embedding_job_attempts_total{{outcome="completed"}}[{RATE}]))\n'
-                        f"  /\n  sum by (tenant) (rate(embedding_job_attempts_total[{RATE}]))\n)",
-                        "{{tenant}}",
+                        f"  sum by ({BY}, tenant) (rate({series(ATTEMPTS, COMPLETED)}[{RATE}]))\n"
+                        f"  /\n  sum by ({BY}, tenant) (rate({series(ATTEMPTS)}[{RATE}]))\n)",
+                        TENANT_LEGEND,
                     )
                 ],
                 unit="percentunit",
@@ -127,10 +141,11 @@ def overview(params: RuleParams) -> dashboard.Dashboard:
         .with_panel(
             timeseries_panel(
                 "Error budget burn rate",
-                f"How fast each tenant uses its error budget ({budget * 100:g}% of attempts may fail) over {window}; "
+                f"How fast each tenant uses its error budget ({budget * 100:g}% of finished jobs may be dead-lettered) "
+                f"over {window}; "
                 f"1 uses it up exactly in the SLO period. The fast-burn alert pages above {pages}. "
                 f"The {TOP} fastest-burning tenants.",
-                [query(f"topk({TOP}, {error_ratio_record(window)} / {budget:g})", "{{tenant}}")],
+                [query(f"topk({TOP}, {dead_letter_ratio_record(window)}{{{SELECTOR}}} / {budget:g})", TENANT_LEGEND)],
                 unit="short",
                 thresholds=_burn_thresholds(params),
             )
@@ -139,20 +154,24 @@ def overview(params: RuleParams) -> dashboard.Dashboard:
             timeseries_panel(
                 "Vectors produced",
                 f"Vectors per second for the {TOP} busiest tenants.",
-                [query(f"topk({TOP}, sum by (tenant) (rate(embedding_vectors_total[{RATE}])))", "{{tenant}}")],
+                [
+                    query(
+                        f"topk({TOP}, sum by ({BY}, tenant) (rate({series('embedding_vectors_total')}[{RATE}])))",
+                        TENANT_LEGEND,
+                    )
+                ],
                 unit="short",
             )
         )
         .with_row(dashboard.Row("Jobs by tenant"))
-        .with_panel(_status_table())
+        .with_panel(_status_table(dashboard_params.grafana_url))
         .with_panel(
             timeseries_panel(
                 "Backlog",
                 "Jobs waiting (pending), running (processing) and waiting for a retry (failed), all tenants.",
                 [
                     query(
-                        "sum by (status) (\n"
-                        '  max by (tenant, status) (embedding_jobs{status=~"pending|processing|failed"})\n)',
+                        f"sum by (status) (\n  max by ({BY}, tenant, status) ({series('embedding_jobs', BACKLOG)})\n)",
                         "{{status}}",
                     )
                 ],
@@ -164,7 +183,12 @@ def overview(params: RuleParams) -> dashboard.Dashboard:
             timeseries_panel(
                 "Stuck jobs",
                 "Jobs pending or processing for longer than the exporter's stuck threshold (--stuck-after).",
-                [query(f"topk({TOP}, max by (tenant, status) (embedding_jobs_stuck))", "{{tenant}} {{status}}")],
+                [
+                    query(
+                        f"topk({TOP}, max by ({BY}, tenant, status) ({series('embedding_jobs_stuck')}))",
+                        f"{{{{tenant}}}} {{{{status}}}} {DEPLOYMENT_LEGEND}",
+                    )
+                ],
                 unit="short",
                 thresholds=[(1, "red")],
             )
@@ -175,8 +199,9 @@ def overview(params: RuleParams) -> dashboard.Dashboard:
                 "How long the longest-waiting stuck job has been pending or processing.",
                 [
                     query(
-                        f"topk({TOP}, max by (tenant, status) (embedding_jobs_stuck_oldest_age_seconds))",
-                        "{{tenant}} {{status}}",
+                        f"topk({TOP}, max by ({BY}, tenant, status) "
+                        f"({series('embedding_jobs_stuck_oldest_age_seconds')}))",
+                        f"{{{{tenant}}}} {{{{status}}}} {DEPLOYMENT_LEGEND}",
                     )
                 ],
                 unit="s",
@@ -206,7 +231,12 @@ def overview(params: RuleParams) -> dashboard.Dashboard:
                 "p95 attempt duration by tenant",
                 f"95th percentile over {params.duration_window} (the recording rule the slow-jobs alert uses), "
                 f"for the {TOP} slowest tenants.",
-                [query(f"topk({TOP}, {duration_p95_record(params.duration_window)})", "{{tenant}}")],
+                [
+                    query(
+                        f"topk({TOP}, {duration_p95_record(params.duration_window)}{{{SELECTOR}}})",
+                        TENANT_LEGEND,
+                    )
+                ],
                 unit="s",
                 width=THIRD,
                 thresholds=[(params.duration_p95_seconds, "red")],
@@ -217,7 +247,7 @@ def overview(params: RuleParams) -> dashboard.Dashboard:
                 "Attempt duration heatmap",
                 "Attempts per duration bucket. Exemplars (points) link each bucket to the trace of one attempt.",
                 query(
-                    f"sum by (le) (increase(embedding_job_duration_seconds_bucket[{RATE}]))",
+                    f"sum by (le) (increase({series('embedding_job_duration_seconds_bucket')}[{RATE}]))",
                     "{{le}}",
                     heatmap_format=True,
                     exemplar=True,
@@ -232,7 +262,12 @@ def overview(params: RuleParams) -> dashboard.Dashboard:
                 "Queue depth",
                 "Messages by state: active (ready or locked by a worker), scheduled (a retry waiting for its "
                 "backoff) and dead_letter.",
-                [query("max by (queue, state) (embedding_queue_messages)", "{{queue}} {{state}}")],
+                [
+                    query(
+                        f"max by ({BY}, queue, state) ({series('embedding_queue_messages')})",
+                        f"{{{{queue}}}} {{{{state}}}} {DEPLOYMENT_LEGEND}",
+                    )
+                ],
                 unit="short",
             )
         )
@@ -242,8 +277,8 @@ def overview(params: RuleParams) -> dashboard.Dashboard:
                 "Jobs given up per tenant: attempts used up, a permanent failure or an unreadable message.",
                 [
                     query(
-                        f'sum by (tenant) (increase(embedding_job_attempts_total{{outcome="dead_lettered"}}[{RATE}]))',
-                        "{{tenant}}",
+                        f"sum by ({BY}, tenant) (increase({series(ATTEMPTS, DEAD_LETTERED)}[{RATE}]))",
+                        TENANT_LEGEND,
                     )
                 ],
                 unit="short",
@@ -254,8 +289,9 @@ def overview(params: RuleParams) -> dashboard.Dashboard:
         .with_panel(
             stat_panel(
                 "Targets up",
-                "Exporter scrape targets Prometheus reaches, of all it knows for the scrape job.",
-                [query('sum(up{job=~"$job"})', "up"), query('count(up{job=~"$job"})', "known")],
+                "Exporter scrape targets Prometheus reaches, of all it knows in the scrape jobs that served "
+                f"embedding-jobs metrics in the last {KNOWN_FOR}.",
+                [query(f"sum({_exporter_targets()})", "up"), query(f"count({_exporter_targets()})", "known")],
                 unit="short",
                 height=8,
             )
@@ -264,7 +300,7 @@ def overview(params: RuleParams) -> dashboard.Dashboard:
             stat_panel(
                 "Tenants folded",
                 'Tenants past the tenant label limit, counted together as tenant="__other__".',
-                [query("max(embedding_exporter_tenants_folded)")],
+                [query(f"sum(max by ({BY}) ({series('embedding_exporter_tenants_folded')}))")],
                 unit="short",
                 height=8,
                 thresholds=[(1, "orange")],
@@ -277,8 +313,9 @@ def overview(params: RuleParams) -> dashboard.Dashboard:
                 "(a line per exporter that held the lease).",
                 [
                     query(
-                        "time() - max by (instance) (embedding_exporter_store_last_success_timestamp_seconds)",
-                        "{{instance}}",
+                        f"time() - max by ({BY}, instance) "
+                        f"({series('embedding_exporter_store_last_success_timestamp_seconds')})",
+                        INSTANCE_LEGEND,
                     )
                 ],
                 unit="s",
@@ -292,9 +329,9 @@ def overview(params: RuleParams) -> dashboard.Dashboard:
                 "95th percentile of the time the state leader takes to read the job store for state metrics.",
                 [
                     query(
-                        "histogram_quantile(0.95,\n  sum by (instance, le) "
-                        f"(rate(embedding_exporter_store_refresh_duration_seconds_bucket[{RATE}]))\n)",
-                        "{{instance}}",
+                        f"histogram_quantile(0.95,\n  sum by ({BY}, instance, le) "
+                        f"(rate({series('embedding_exporter_store_refresh_duration_seconds_bucket')}[{RATE}]))\n)",
+                        INSTANCE_LEGEND,
                     )
                 ],
                 unit="s",
@@ -307,8 +344,9 @@ def overview(params: RuleParams) -> dashboard.Dashboard:
                 "Failed or timed-out reads of the job store per second, by exporter (only the state leader reads).",
                 [
                     query(
-                        f"sum by (instance) (rate(embedding_exporter_store_refresh_errors_total[{RATE}]))",
-                        "{{instance}}",
+                        f"sum by ({BY}, instance) "
+                        f"(rate({series('embedding_exporter_store_refresh_errors_total')}[{RATE}]))",
+                        INSTANCE_LEGEND,
                     )
                 ],
                 unit="ops",
@@ -322,9 +360,9 @@ def overview(params: RuleParams) -> dashboard.Dashboard:
                 "old. Read apart from the job store, so one failing never ages the other's gauges.",
                 [
                     query(
-                        "time() - max by (instance, queue) "
-                        "(embedding_exporter_queue_depth_last_success_timestamp_seconds)",
-                        "{{queue}} {{instance}}",
+                        f"time() - max by ({BY}, instance, queue) "
+                        f"({series('embedding_exporter_queue_depth_last_success_timestamp_seconds')})",
+                        f"{{{{queue}}}} {INSTANCE_LEGEND}",
                     )
                 ],
                 unit="s",
@@ -339,8 +377,9 @@ def overview(params: RuleParams) -> dashboard.Dashboard:
                 "leader reads). The job store is not involved in these reads.",
                 [
                     query(
-                        f"sum by (queue, instance) (rate(embedding_exporter_queue_depth_errors_total[{RATE}]))",
-                        "{{queue}} {{instance}}",
+                        f"sum by ({BY}, queue, instance) "
+                        f"(rate({series('embedding_exporter_queue_depth_errors_total')}[{RATE}]))",
+                        f"{{{{queue}}}} {INSTANCE_LEGEND}",
                     )
                 ],
                 unit="ops",
@@ -352,7 +391,12 @@ def overview(params: RuleParams) -> dashboard.Dashboard:
                 "State leader",
                 "The exporter holding the state lease, the only one reading the job store for state metrics. "
                 "Empty: no exporter holds it (EmbeddingExporterNoStateLeader).",
-                [query('max by (instance) (embedding_exporter_state_leader{job=~"$job"}) == 1', "{{instance}}")],
+                [
+                    query(
+                        f"max by ({BY}, instance) ({series('embedding_exporter_state_leader')}) == 1",
+                        INSTANCE_LEGEND,
+                    )
+                ],
                 unit="none",
                 width=THIRD,
                 height=8,
@@ -364,11 +408,11 @@ def overview(params: RuleParams) -> dashboard.Dashboard:
                 "Job spans turned into metrics per second, by source, and spans dropped, by reason.",
                 [
                     query(
-                        f"sum by (source) (rate(embedding_exporter_spans_received_total[{RATE}]))",
+                        f"sum by (source) (rate({series('embedding_exporter_spans_received_total')}[{RATE}]))",
                         "received {{source}}",
                     ),
                     query(
-                        f"sum by (reason) (rate(embedding_exporter_spans_dropped_total[{RATE}]))",
+                        f"sum by (reason) (rate({series('embedding_exporter_spans_dropped_total')}[{RATE}]))",
                         "dropped {{reason}}",
                     ),
                 ],
@@ -386,17 +430,36 @@ def _burn_thresholds(params: RuleParams) -> list[tuple[float, str]]:
 
 
 def _quantile(q: float, bucket: str) -> prometheus.Dataquery:
-    return query(f"histogram_quantile({q:g}, sum by (le) (rate({bucket}[{RATE}])))", f"p{q * 100:g}")
+    return query(f"histogram_quantile({q:g}, sum by (le) (rate({series(bucket)}[{RATE}])))", f"p{q * 100:g}")
 
 
-def _status_table() -> table.Panel:
+def _exporter_targets() -> str:
+    # `up` exists for every scrape target in Prometheus, so with job "All" (".*") it is kept to the
+    # scrape jobs whose targets served embedding-jobs metrics lately; last_over_time skips the stale
+    # markers a target leaves when it goes down, so a job with every target down still counts.
+    return (
+        f"up{{{SELECTOR}}} and on ({BY}) "
+        f"group by ({BY}) (last_over_time({series('embedding_exporter_state_leader')}[{KNOWN_FOR}]))"
+    )
+
+
+def _status(status: str) -> str:
+    return f'status="{status}"'
+
+
+def _status_table(grafana_url: str) -> table.Panel:
     statuses = [status.value for status in JobStatus]
     letters = "ABCDEFGH"
     return table_panel(
         "Jobs per tenant and status",
-        "Current job counts from the store. Click a tenant for its drill-down dashboard.",
+        "Current job counts from the store, a row per tenant and deployment. Click a tenant for its "
+        "drill-down dashboard.",
         [
-            query(f'max by (tenant) (embedding_jobs{{status="{status}"}})', instant=True, table_format=True)
+            query(
+                f"max by ({BY}, tenant) ({series('embedding_jobs', _status(status))})",
+                instant=True,
+                table_format=True,
+            )
             for status in statuses
         ],
         transformations=[
@@ -418,7 +481,9 @@ def _status_table() -> table.Panel:
                 value=[
                     {
                         "title": "Open the tenant's dashboard",
-                        "url": f"/d/{uids.TENANT}?var-tenant=${{__value.raw}}&${{__url_time_range}}",
+                        # __all_variables carries the data source and the cluster, namespace and job selection.
+                        "url": f"{dashboard_url(uids.TENANT, grafana_url)}?var-tenant=${{__value.raw}}"
+                        "&${__all_variables}&${__url_time_range}",
                     }
                 ],
             )

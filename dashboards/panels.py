@@ -1,13 +1,15 @@
-"""Panel, query and variable helpers the dashboards share: one data source, one look.
+"""Panel, query and variable helpers the dashboards share: one data source, one look, one selector.
 
 Every panel queries the Prometheus data source picked in the `datasource` variable, so the
-JSON imports into any Grafana without editing.
+JSON imports into any Grafana without editing, and every series it selects is narrowed by the
+`cluster`, `namespace` and `job` variables, so deployments sharing a Prometheus stay apart.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from string import ascii_uppercase
+from typing import Final
 
 from grafana_foundation_sdk.builders import common, dashboard, heatmap, prometheus, stat, table, timeseries
 from grafana_foundation_sdk.cog.builder import Builder
@@ -24,6 +26,23 @@ RATE = "$__rate_interval"
 FULL, HALF, THIRD, QUARTER, SIXTH = 24, 12, 8, 6, 4
 
 Panel = Builder[dashboard_models.Panel]
+
+# The deployment a series comes from: Prometheus sets `job`; `namespace` and `cluster` come from
+# Kubernetes service discovery or external labels, and a single-cluster Prometheus may have neither.
+DEPLOYMENT_LABELS: Final = ("cluster", "namespace", "job")
+# Regex matchers with ".*" as the "All" value: ".*" matches the empty string, which is what
+# Prometheus compares a missing label with, so "All" keeps series that lack the label entirely.
+SELECTOR: Final = ", ".join(f'{label}=~"${label}"' for label in DEPLOYMENT_LABELS)
+ALL: Final = ".*"
+# Aggregations that keep series apart per deployment (absent labels just group as one).
+BY_DEPLOYMENT: Final = ", ".join(DEPLOYMENT_LABELS)
+# Legend suffix naming the deployment of a series; an absent label prints as nothing.
+DEPLOYMENT_LEGEND: Final = "{{cluster}} {{namespace}} {{job}}"
+
+
+def series(metric: str, *matchers: str) -> str:
+    """metric narrowed to the selected deployments, with any further label matchers."""
+    return f"{metric}{{{', '.join((*matchers, SELECTOR))}}}"
 
 
 def query(
@@ -217,12 +236,42 @@ def query_variable(name: str, label: str, definition: str) -> dashboard.QueryVar
     )
 
 
-def dashboard_link(title: str, uid: str) -> dashboard.DashboardLink:
-    """A link in the dashboard's header that keeps the time range and variables."""
+# Every exporter serves this gauge (0 or 1), leader or not, so it lists every deployment.
+_EVERY_EXPORTER = "embedding_exporter_state_leader"
+_DEPLOYMENT_TITLES = {"cluster": "Cluster", "namespace": "Namespace", "job": "Scrape job"}
+
+
+def deployment_variables(default_job: str = "") -> list[dashboard.QueryVariable]:
+    """The cluster, namespace and job variables, each narrowing the next; All (".*") by default.
+
+    default_job, when set, is the job selected when the dashboard opens instead of All.
+    """
+    variables = []
+    for i, label in enumerate(DEPLOYMENT_LABELS):
+        narrower = ", ".join(f'{outer}=~"${outer}"' for outer in DEPLOYMENT_LABELS[:i])
+        metric = f"{_EVERY_EXPORTER}{{{narrower}}}" if narrower else _EVERY_EXPORTER
+        selected = default_job if label == "job" and default_job else None
+        current = (
+            dashboard_models.VariableOption(selected=True, text=[selected], value=[selected])
+            if selected
+            else dashboard_models.VariableOption(selected=True, text=["All"], value=["$__all"])
+        )
+        variables.append(
+            query_variable(label, _DEPLOYMENT_TITLES[label], f"label_values({metric}, {label})")
+            .multi(True)
+            .include_all(True)
+            .all_value(ALL)
+            .current(current)
+        )
+    return variables
+
+
+def dashboard_link(title: str, uid: str, base_url: str = "") -> dashboard.DashboardLink:
+    """A link in the dashboard's header that keeps the time range and variables (job, namespace, cluster)."""
     return (
         dashboard.DashboardLink(title)
         .type(dashboard_models.DashboardLinkType.LINK)
-        .url(f"/d/{uid}")
+        .url(dashboard_url(uid, base_url))
         .icon("dashboard")
         .keep_time(True)
         .include_vars(True)
@@ -230,3 +279,8 @@ def dashboard_link(title: str, uid: str) -> dashboard.DashboardLink:
         .as_dropdown(False)
         .tooltip(title)
     )
+
+
+def dashboard_url(uid: str, base_url: str = "") -> str:
+    """The address of a dashboard: "/d/<uid>" (Grafana adds its own sub-path) or under base_url when given."""
+    return f"{base_url.rstrip('/')}/d/{uid}"

@@ -1,7 +1,9 @@
 """The per-tenant drill-down dashboard: one tenant, picked in the `tenant` variable.
 
 Same aggregation rules as the overview: `max by` for the state gauges (from the state leader),
-`sum` for per-replica counters and histograms.
+`sum` for per-replica counters and histograms. A tenant name may exist in several deployments:
+state gauges and burn rates keep the deployment labels (cluster, namespace, job) apart; counters
+and histograms add up over the deployments selected in the variables.
 """
 
 from __future__ import annotations
@@ -9,27 +11,39 @@ from __future__ import annotations
 from grafana_foundation_sdk.builders import dashboard, prometheus
 from grafana_foundation_sdk.models import dashboard as dashboard_models
 
-from alerts.build import DASHBOARD_WINDOWS, RuleParams, error_ratio_record
+from alerts.build import DASHBOARD_WINDOWS, dead_letter_ratio_record
 from dashboards import uids
 from dashboards.panels import (
+    BY_DEPLOYMENT,
+    DEPLOYMENT_LEGEND,
     FULL,
     HALF,
     RATE,
+    SELECTOR,
     THIRD,
     dashboard_link,
     datasource_variable,
+    deployment_variables,
     heatmap_panel,
     query,
     query_variable,
+    series,
     stat_panel,
     timeseries_panel,
 )
+from dashboards.params import DashboardParams
 
 T = 'tenant="$tenant"'
+BY = BY_DEPLOYMENT
+ATTEMPTS = "embedding_job_attempts_total"
+COMPLETED = 'outcome="completed"'
+DEAD_LETTERED = 'outcome="dead_lettered"'
+STATUS_LEGEND = f"{{{{status}}}} {DEPLOYMENT_LEGEND}"
 
 
-def tenant(params: RuleParams) -> dashboard.Dashboard:
-    """The drill-down dashboard; params supply the SLO and the alert thresholds it draws."""
+def tenant(dashboard_params: DashboardParams) -> dashboard.Dashboard:
+    """The drill-down dashboard; the rule parameters supply the SLO and the alert thresholds it draws."""
+    params = dashboard_params.rules
     budget = float(params.error_budget)
     pages = " or ".join(f"{burn.factor:g} over {burn.long} and {burn.short}" for burn in params.page_windows)
     return (
@@ -42,15 +56,20 @@ def tenant(params: RuleParams) -> dashboard.Dashboard:
         .tooltip(dashboard_models.DashboardCursorSync.CROSSHAIR)
         .timezone("browser")
         .editable()
-        .link(dashboard_link("Overview", uids.OVERVIEW))
-        .with_variable(datasource_variable())
-        .with_variable(query_variable("tenant", "Tenant", "label_values(embedding_jobs, tenant)"))
+        .link(dashboard_link("Overview", uids.OVERVIEW, dashboard_params.grafana_url))
+        .variables(
+            [
+                datasource_variable(),
+                *deployment_variables(dashboard_params.default_job),
+                query_variable("tenant", "Tenant", f"label_values(embedding_jobs{{{SELECTOR}}}, tenant)"),
+            ]
+        )
         .with_row(dashboard.Row("Status"))
         .with_panel(
             stat_panel(
                 "Jobs by status",
                 "Current job counts of the tenant, from the store.",
-                [query(f"max by (status) (embedding_jobs{{{T}}})", "{{status}}")],
+                [query(f"max by ({BY}, status) ({series('embedding_jobs', T)})", STATUS_LEGEND)],
                 unit="short",
                 width=HALF,
             )
@@ -61,8 +80,8 @@ def tenant(params: RuleParams) -> dashboard.Dashboard:
                 "Share of the tenant's attempts that completed.",
                 [
                     query(
-                        f'sum(rate(embedding_job_attempts_total{{{T}, outcome="completed"}}[{RATE}]))\n'
-                        f"/\nsum(rate(embedding_job_attempts_total{{{T}}}[{RATE}]))"
+                        f"sum(rate({series(ATTEMPTS, T, COMPLETED)}[{RATE}]))\n"
+                        f"/\nsum(rate({series(ATTEMPTS, T)}[{RATE}]))"
                     )
                 ],
                 unit="percentunit",
@@ -72,7 +91,7 @@ def tenant(params: RuleParams) -> dashboard.Dashboard:
             stat_panel(
                 "Stuck jobs",
                 "Jobs pending or processing for longer than the exporter's stuck threshold.",
-                [query(f"sum(max by (status) (embedding_jobs_stuck{{{T}}}))")],
+                [query(f"sum(max by ({BY}, status) ({series('embedding_jobs_stuck', T)}))")],
                 unit="short",
                 thresholds=[(1, "red")],
             )
@@ -81,7 +100,7 @@ def tenant(params: RuleParams) -> dashboard.Dashboard:
             stat_panel(
                 "Vectors / s",
                 "Embedding vectors produced per second for the tenant.",
-                [query(f"sum(rate(embedding_vectors_total{{{T}}}[{RATE}]))")],
+                [query(f"sum(rate({series('embedding_vectors_total', T)}[{RATE}]))")],
                 unit="short",
             )
         )
@@ -90,7 +109,7 @@ def tenant(params: RuleParams) -> dashboard.Dashboard:
             timeseries_panel(
                 "Attempts by outcome",
                 "The tenant's attempts per second: completed, failed (a retry follows) and dead-lettered.",
-                [query(f"sum by (outcome) (rate(embedding_job_attempts_total{{{T}}}[{RATE}]))", "{{outcome}}")],
+                [query(f"sum by (outcome) (rate({series(ATTEMPTS, T)}[{RATE}]))", "{{outcome}}")],
                 unit="ops",
                 stacked=True,
             )
@@ -98,9 +117,16 @@ def tenant(params: RuleParams) -> dashboard.Dashboard:
         .with_panel(
             timeseries_panel(
                 "Error budget burn rate",
-                f"Failed share of attempts divided by the error budget ({budget * 100:g}%); 1 uses the budget up "
-                f"exactly in the SLO period. The fast-burn alert pages when the burn rate exceeds {pages}.",
-                [query(f"{error_ratio_record(window)}{{{T}}} / {budget:g}", window) for window in DASHBOARD_WINDOWS],
+                f"Dead-lettered share of finished jobs divided by the error budget ({budget * 100:g}%); "
+                f"1 uses the budget up exactly in the SLO period. "
+                f"The fast-burn alert pages when the burn rate exceeds {pages}.",
+                [
+                    query(
+                        f"{series(dead_letter_ratio_record(window), T)} / {budget:g}",
+                        f"{window} {DEPLOYMENT_LEGEND}",
+                    )
+                    for window in DASHBOARD_WINDOWS
+                ],
                 unit="short",
                 thresholds=[(max(burn.factor for burn in params.page_windows), "red")],
             )
@@ -109,7 +135,7 @@ def tenant(params: RuleParams) -> dashboard.Dashboard:
             timeseries_panel(
                 "Jobs by status",
                 "The tenant's job counts over time.",
-                [query(f"max by (status) (embedding_jobs{{{T}}})", "{{status}}")],
+                [query(f"max by ({BY}, status) ({series('embedding_jobs', T)})", STATUS_LEGEND)],
                 unit="short",
             )
         )
@@ -119,7 +145,7 @@ def tenant(params: RuleParams) -> dashboard.Dashboard:
                 "Jobs of the tenant given up: attempts used up, a permanent failure or an unreadable message.",
                 [
                     query(
-                        f'sum(increase(embedding_job_attempts_total{{{T}, outcome="dead_lettered"}}[{RATE}]))',
+                        f"sum(increase({series(ATTEMPTS, T, DEAD_LETTERED)}[{RATE}]))",
                         "dead-lettered",
                     )
                 ],
@@ -152,8 +178,11 @@ def tenant(params: RuleParams) -> dashboard.Dashboard:
                 "Stuck jobs",
                 "Stuck jobs by status, and how long the oldest has waited.",
                 [
-                    query(f"max by (status) (embedding_jobs_stuck{{{T}}})", "{{status}}"),
-                    query(f"max by (status) (embedding_jobs_stuck_oldest_age_seconds{{{T}}})", "oldest {{status}} (s)"),
+                    query(f"max by ({BY}, status) ({series('embedding_jobs_stuck', T)})", STATUS_LEGEND),
+                    query(
+                        f"max by ({BY}, status) ({series('embedding_jobs_stuck_oldest_age_seconds', T)})",
+                        f"oldest {{{{status}}}} (s) {DEPLOYMENT_LEGEND}",
+                    ),
                 ],
                 unit="short",
                 width=THIRD,
@@ -164,7 +193,7 @@ def tenant(params: RuleParams) -> dashboard.Dashboard:
                 "Attempt duration heatmap",
                 "The tenant's attempts per duration bucket. Exemplars (points) open the trace of one attempt.",
                 query(
-                    f"sum by (le) (increase(embedding_job_duration_seconds_bucket{{{T}}}[{RATE}]))",
+                    f"sum by (le) (increase({series('embedding_job_duration_seconds_bucket', T)}[{RATE}]))",
                     "{{le}}",
                     heatmap_format=True,
                     exemplar=True,
@@ -177,4 +206,4 @@ def tenant(params: RuleParams) -> dashboard.Dashboard:
 
 
 def _quantile(q: float, bucket: str) -> prometheus.Dataquery:
-    return query(f"histogram_quantile({q:g}, sum by (le) (rate({bucket}{{{T}}}[{RATE}])))", f"p{q * 100:g}")
+    return query(f"histogram_quantile({q:g}, sum by (le) (rate({series(bucket, T)}[{RATE}])))", f"p{q * 100:g}")

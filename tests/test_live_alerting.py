@@ -59,8 +59,9 @@ TEST_RULES = RuleParams(
     selector=f'job="{JOB}"',
 )
 NEW_TENANT = "newco"
-# Grafana's variables, as the dashboards would resolve them while looking at acme.
-VARIABLES = {"$__rate_interval": "1m", "$tenant": TENANT, "$job": JOB}
+# Grafana's variables, as the dashboards would resolve them while looking at acme's deployment.
+# This Prometheus gives the series no cluster or namespace: "All" (".*") matches a missing label.
+VARIABLES = {"$__rate_interval": "1m", "$tenant": TENANT, "$job": JOB, "$namespace": ".*", "$cluster": ".*"}
 # Queries that have no data in a healthy run, and why.
 NO_DATA_ALLOWED = {
     ("embedding-jobs-overview.json", "Spans", "B"): "spans are only dropped when malformed (none in this run)",
