@@ -420,6 +420,44 @@ def overview(dashboard_params: DashboardParams) -> dashboard.Dashboard:
                 width=THIRD,
             )
         )
+        .with_row(dashboard.Row("Worker tracking"))
+        .with_panel(
+            timeseries_panel(
+                "Tracking writes buffered",
+                "Job-status writes each worker holds (and spools under its data directory) while the job store "
+                "does not answer; they replay once it does. Embedding goes on meanwhile.",
+                [
+                    query(
+                        f"sum by ({BY}, worker) ({series('embedding_worker_tracking_buffered_writes')})",
+                        f"{{{{worker}}}} {DEPLOYMENT_LEGEND}",
+                    )
+                ],
+                unit="short",
+                width=HALF,
+            )
+        )
+        .with_panel(
+            timeseries_panel(
+                "Tracking writes: failures, replays and drops",
+                "Per second, over all workers: job-store calls that failed or timed out, buffered writes replayed, "
+                "writes adopted from a dead worker's spool, and writes dropped (EmbeddingWorkerTrackingWritesDropped; "
+                "run `embedding-jobs recount` after one).",
+                [
+                    query(
+                        f"sum by ({BY}) (rate({series(f'embedding_worker_tracking_{name}_total')}[{RATE}]))",
+                        f"{label} {DEPLOYMENT_LEGEND}",
+                    )
+                    for name, label in (
+                        ("store_failures", "store failures"),
+                        ("replayed_writes", "replayed"),
+                        ("adopted_writes", "adopted"),
+                        ("dropped_writes", "dropped"),
+                    )
+                ],
+                unit="ops",
+                width=HALF,
+            )
+        )
     )
 
 
