@@ -20,6 +20,7 @@ from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 
 from jobs import telemetry as attr
+from worker.tracing import otlp_url
 from worker.tracker import JobTracker
 
 # Often enough for a ten-minute alert window to see a drop within one scrape or two; the standard
@@ -41,17 +42,6 @@ def tracking_snapshot(tracker: JobTracker) -> dict[str, int]:
     return values
 
 
-def otlp_metrics_url(endpoint: str) -> str | None:
-    """The OTLP/HTTP metrics URL from a base endpoint or the standard OTEL_* variables."""
-    explicit = os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
-    if not endpoint and explicit:
-        return explicit
-    base = endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
-    if not base:
-        return None
-    return base.rstrip("/") + "/v1/metrics"
-
-
 def create_meter_provider(
     tracker: JobTracker, service_name: str, otlp_endpoint: str = "", otlp_token: str = ""
 ) -> MeterProvider | None:
@@ -59,7 +49,7 @@ def create_meter_provider(
 
     Shut it down after the tracker stops: its last export carries the final counts.
     """
-    url = otlp_metrics_url(otlp_endpoint)
+    url = otlp_url(otlp_endpoint, "metrics")
     if url is None:
         return None
     headers = {"Authorization": f"Bearer {otlp_token}"} if otlp_token else None

@@ -24,15 +24,15 @@ SPAN_BATCH_SIZE = 1_024
 _PROPAGATOR = TraceContextTextMapPropagator()
 
 
-def otlp_traces_url(endpoint: str) -> str | None:
-    """The OTLP/HTTP traces URL from a base endpoint or the standard OTEL_* variables."""
-    explicit = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+def otlp_url(endpoint: str, signal: str) -> str | None:
+    """The OTLP/HTTP URL of a signal ("traces", "metrics") from a base endpoint or the standard OTEL_* variables."""
+    explicit = os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT")
     if not endpoint and explicit:
         return explicit
     base = endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
     if not base:
         return None
-    return base.rstrip("/") + "/v1/traces"
+    return f"{base.rstrip('/')}/v1/{signal}"
 
 
 def create_tracer_provider(
@@ -43,7 +43,7 @@ def create_tracer_provider(
     otlp_token, when set, is sent as a bearer token, besides any OTEL_EXPORTER_OTLP_HEADERS.
     """
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}), sampler=ALWAYS_ON)
-    url = otlp_traces_url(otlp_endpoint)
+    url = otlp_url(otlp_endpoint, "traces")
     if url:
         headers = {"Authorization": f"Bearer {otlp_token}"} if otlp_token else None
         provider.add_span_processor(
