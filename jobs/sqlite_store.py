@@ -191,7 +191,7 @@ class SQLiteJobStore:
         retry_count: int | None = None,
         metadata: JobMetadata | None = None,
         trace_id: str | None = None,
-    ) -> Job:
+    ) -> None:
         """Conditionally move a job between statuses, updating its tenant's counters in one transaction."""
         validate_tenant_id(tenant_id)
         check_transition(from_status, to_status)
@@ -222,20 +222,20 @@ class SQLiteJobStore:
         )
         params += [tenant_id, job_id, from_status.value]
 
-        def apply(conn: sqlite3.Connection) -> Job:
+        def apply(conn: sqlite3.Connection) -> None:
             with transaction(conn):
-                row = conn.execute(sql, params).fetchone()
-                if row is None:
-                    current = _get(conn, tenant_id, job_id)
-                    raise TransitionConflictError(job_id, from_status.value, current.status.value)
+                if conn.execute(sql, params).fetchone() is None:
+                    current = conn.execute(
+                        "SELECT status FROM jobs WHERE tenant_id = ? AND id = ?", (tenant_id, job_id)
+                    ).fetchone()
+                    if current is None:
+                        raise JobNotFoundError(tenant_id, job_id)
+                    raise TransitionConflictError(job_id, from_status.value, current["status"])
                 if from_status is not to_status:
                     _bump(conn, tenant_id, from_status.value, -1)
                     _bump(conn, tenant_id, to_status.value, 1)
-                # Read back, not RETURNING: there SQLite 3.40 tests IS NULL on a column against
-                # its value before the update, so a cleared completedAt would come back as null.
-                return _get(conn, tenant_id, job_id)
 
-        return await self._run(apply)
+        await self._run(apply)
 
     async def purge(self, older_than: timedelta, tenant_id: str | None = None) -> int:
         """Delete finished jobs whose completion is older than older_than; counters follow."""

@@ -165,8 +165,7 @@ async def test_a_reopened_job_has_no_completed_at_in_its_record(tmp_path: Path) 
     async with await SQLiteJobStore.open(tmp_path / "jobs.db") as store:
         await store.create(Job.new(job_id="j", tenant_id="t", shard_id="s", shard_type_id="d"))
         await store.transition("t", "j", JobStatus.PENDING, JobStatus.DEAD_LETTERED, error="gave up")
-        reopened = await store.transition("t", "j", JobStatus.DEAD_LETTERED, JobStatus.PENDING)
-        for job in (reopened, await store.get("t", "j")):
-            record = json.loads(job.to_json_text())
-            assert "completedAt" not in record
-            assert record["error"] == "gave up"
+        await store.transition("t", "j", JobStatus.DEAD_LETTERED, JobStatus.PENDING)
+        record = json.loads((await store.get("t", "j")).to_json_text())
+        assert "completedAt" not in record
+        assert record["error"] == "gave up"
