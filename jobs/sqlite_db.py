@@ -163,6 +163,10 @@ class SQLiteDatabase:
 
         return await shared.submit(call)
 
+    def shares_connection_with(self, other: SQLiteDatabase) -> bool:
+        """Whether both handles are open on the same connection (so one unit of work can span them)."""
+        return self._shared is not None and self._shared is other._shared
+
     async def close(self) -> None:
         """Let go of the connection; the last handle closes it and stops its thread."""
         shared, self._shared = self._shared, None
