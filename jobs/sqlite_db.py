@@ -31,6 +31,8 @@ from jobs.errors import InvalidJobError, JobError, StoreUnavailableError
 
 T = TypeVar("T")
 BUSY_TIMEOUT_MS = 10_000
+# How long a unit waits for the write lock while another process is known to hold it.
+HELD_BUSY_TIMEOUT_MS = 200
 
 
 # A unit's future, its result, and the exception it raised instead.
@@ -53,6 +55,8 @@ class _Connection:
     units: SimpleQueue[_Unit | None] = field(default_factory=SimpleQueue)
     conn: sqlite3.Connection | None = None
     handles: int = 0
+    # True after a unit waited out the busy timeout, until a write succeeds (see _run_unit).
+    held: bool = False
 
     def __post_init__(self) -> None:
         self.thread = threading.Thread(target=self._serve, name=f"sqlite-{self.path.stem}", daemon=True)
@@ -67,6 +71,25 @@ class _Connection:
     def stop(self) -> None:
         self.units.put(None)
 
+    def _run_unit(self, unit: _Unit) -> _Outcome:
+        conn = self.conn
+        changes = conn.total_changes if conn is not None else 0
+        try:
+            result = unit.fn(*unit.args)
+        except BaseException as exc:  # handed to the awaiting coroutine, whatever it is
+            if conn is not None and not self.held and _is_busy(exc):
+                # Another process has held the write lock for the whole busy timeout. The units
+                # queued behind this one would each wait that long again, one after another on
+                # this thread; until a write gets through, they wait briefly instead and fail
+                # fast, as the callers' own bounded waits expect.
+                self.held = True
+                conn.execute(f"PRAGMA busy_timeout = {HELD_BUSY_TIMEOUT_MS}")
+            return (unit.future, None, exc)
+        if self.held and conn is not None and conn.total_changes != changes:
+            self.held = False
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        return (unit.future, result, None)
+
     def _serve(self) -> None:
         while True:
             batch = [self.units.get()]
@@ -79,12 +102,7 @@ class _Connection:
                 if unit is None:
                     stopping = True
                     continue
-                outcome: _Outcome
-                try:
-                    outcome = (unit.future, unit.fn(*unit.args), None)
-                except BaseException as exc:  # handed to the awaiting coroutine, whatever it is
-                    outcome = (unit.future, None, exc)
-                done.setdefault(unit.loop, []).append(outcome)
+                done.setdefault(unit.loop, []).append(self._run_unit(unit))
             for loop, outcomes in done.items():
                 with contextlib.suppress(RuntimeError):  # that event loop is closed: nobody waits
                     loop.call_soon_threadsafe(_resolve, outcomes)
@@ -93,6 +111,12 @@ class _Connection:
                     self.conn.close()
                     self.conn = None
                 return
+
+
+def _is_busy(exc: BaseException) -> bool:
+    """Whether exc (or the SQLite error it wraps) is the write lock staying busy past the busy timeout."""
+    cause = exc if isinstance(exc, sqlite3.Error) else exc.__cause__
+    return isinstance(cause, sqlite3.OperationalError) and (cause.sqlite_errorname or "").startswith("SQLITE_BUSY")
 
 
 def _resolve(outcomes: list[_Outcome]) -> None:
