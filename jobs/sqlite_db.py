@@ -10,7 +10,9 @@ the shard store, the lease) shares that one connection and thread. Units from al
 of them then run one after another instead of contending for the file's write
 lock from several connections, where SQLite's busy handler sleeps between tries.
 The thread takes every unit queued when it wakes and hands their results back to
-the event loop in one call, so concurrent jobs share one wakeup each way.
+the event loop in one call, so concurrent jobs share one wakeup each way. When
+another process holds the write lock past the busy timeout, the units queued behind
+fail fast until a write gets through, rather than each waiting the timeout in turn.
 """
 
 from __future__ import annotations
