@@ -22,9 +22,10 @@ the ttl is the backstop, and `recount` repairs counters after it fired.
 A job's create patches its tenant's counter document, or creates it in the same batch for
 a tenant that has none yet. Which of the two is learned once per store: the first create
 reads which tenants have a counter document (one cross-partition query page per
-SCAN_PAGE_SIZE tenants, up to KNOWN_TENANTS_LIMIT), and every batch keeps that knowledge
-current. A wrong guess (another process created the tenant's counters since, or a recount
-dropped them) costs one more batch, never a wrong count: the batch is atomic.
+SCAN_PAGE_SIZE tenants, up to KNOWN_TENANTS_LIMIT), and its own creates, recounts and
+counter repairs keep that knowledge current. A wrong guess (another process created the
+tenant's counters since, or a recount dropped them) costs one more batch, never a wrong
+count: the batch is atomic.
 
 `round_trips` counts the HTTP responses to this store's requests (query pages
 and retries included), so tests can assert what an operation costs.
