@@ -1,0 +1,262 @@
+"""What each job lifecycle costs on Cosmos DB, counted in requests by the test server.
+
+Every path runs the real producer (pending record, message on a local queue) and the
+worker's tracker (begin, finish) against the Cosmos job store, in a tenant of its own,
+and the server counts the requests the database received. A path that costs more than
+its figure here fails, as does one whose counters differ from a recount afterwards.
+docs/performance.md ("Cosmos round trips") explains the figures above three.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+
+from jobs.cosmos_store import CosmosJobStore
+from jobs.errors import StoreUnavailableError
+from jobs.model import Job, JobMetadata, JobStatus
+from jobs.store import empty_stats
+from tests.conftest import CosmosDatabase
+from tests.cosmos_server import RequestCounts
+from worker.local_queue import LocalQueue
+from worker.messages import JobMessage
+from worker.producer import Producer
+from worker.tracing import get_tracer
+from worker.tracker import Begin, JobTracker
+
+S = JobStatus
+METADATA = JobMetadata(embedding_model="hashing", vector_count=2, processing_time_ms=5, chunk_count=2)
+
+
+@dataclass
+class Rig:
+    """The producer and the tracker on one Cosmos job store, and the server's count of its requests."""
+
+    db: CosmosDatabase
+    store: CosmosJobStore
+    producer: Producer
+    tracker: JobTracker
+
+    def requests(self) -> RequestCounts:
+        return self.db.server.requests(self.db.name)
+
+    async def enqueue(self, msg: JobMessage) -> None:
+        await self.producer.enqueue(msg)
+
+    async def attempt(self, msg: JobMessage, outcome: JobStatus, expect: Begin = Begin.PROCEED) -> None:
+        """One delivery of msg: begin, then (when it proceeds) record outcome."""
+        assert await self.tracker.begin(msg, trace_id=None) is expect
+        if expect is not Begin.PROCEED:
+            return
+        if outcome is S.COMPLETED:
+            await self.tracker.finish(msg, outcome, metadata=METADATA)
+        elif outcome is S.FAILED:
+            await self.tracker.finish(msg, outcome, error="embedder answered 503", retry_count=msg.attempt + 1)
+        elif outcome is S.DEAD_LETTERED:
+            await self.tracker.finish(msg, outcome, error="embedder answered 503", retry_count=msg.attempt)
+
+
+@pytest.fixture
+async def rig(cosmos_db: CosmosDatabase, tmp_path: Path) -> AsyncIterator[Rig]:
+    async with AsyncExitStack() as stack:
+        store = await CosmosJobStore.open(client=cosmos_db.client, database=cosmos_db.name, create_if_missing=True)
+        stack.push_async_callback(store.close)
+        queue = await LocalQueue(tmp_path / "queue.db").open()
+        stack.push_async_callback(queue.close)
+        provider = TracerProvider()
+        stack.callback(provider.shutdown)
+        tracker = JobTracker(store)
+        await stack.enter_async_context(tracker.running())
+        rig = Rig(cosmos_db, store, Producer(store, queue, get_tracer(provider)), tracker)
+        # A job of another tenant first: what a store learns once, when it starts, is not
+        # part of any lifecycle.
+        await rig.enqueue(JobMessage("warm-up", "tenant-warm", "shard-0", "document"))
+        yield rig
+
+
+def message(tenant: str) -> JobMessage:
+    return JobMessage(job_id="job-1", tenant_id=tenant, shard_id="shard-1", shard_type_id="document")
+
+
+async def known_tenant(rig: Rig, tenant: str) -> None:
+    """Give tenant an earlier job, so the path measured is not the tenant's first."""
+    await rig.enqueue(JobMessage("earlier", tenant, "shard-0", "document"))
+
+
+async def completed(rig: Rig, msg: JobMessage) -> None:
+    await rig.enqueue(msg)
+    await rig.attempt(msg, S.COMPLETED)
+
+
+async def no_producer_record(rig: Rig, msg: JobMessage) -> None:
+    await rig.attempt(msg, S.COMPLETED)
+
+
+async def duplicate_delivery(rig: Rig, msg: JobMessage) -> None:
+    await completed(rig, msg)
+    await rig.attempt(msg, S.COMPLETED, expect=Begin.SKIP)
+
+
+async def redelivered_after_a_crash(rig: Rig, msg: JobMessage) -> None:
+    await rig.enqueue(msg)
+    assert await rig.tracker.begin(msg, trace_id=None) is Begin.PROCEED
+    # The worker died mid-job; the message comes back once its lock expires.
+    await rig.attempt(msg, S.COMPLETED)
+
+
+async def failed_then_retried(rig: Rig, msg: JobMessage) -> None:
+    await rig.enqueue(msg)
+    await rig.attempt(msg, S.FAILED)
+    await rig.attempt(msg.retry(), S.COMPLETED)
+
+
+async def dead_lettered(rig: Rig, msg: JobMessage) -> None:
+    await rig.enqueue(msg)
+    await rig.attempt(msg, S.FAILED)
+    await rig.attempt(msg.retry(), S.FAILED)
+    await rig.attempt(msg.retry().retry(), S.DEAD_LETTERED)
+
+
+async def dead_lettered_then_redelivered(rig: Rig, msg: JobMessage) -> None:
+    await rig.enqueue(msg)
+    await rig.attempt(msg, S.DEAD_LETTERED)
+    # Killed between recording the job and dead-lettering the message.
+    await rig.attempt(msg, S.COMPLETED, expect=Begin.DEAD_LETTERED)
+
+
+@dataclass(frozen=True)
+class Path_:
+    name: str
+    run: Callable[[Rig, JobMessage], Awaitable[None]]
+    first_of_tenant: bool
+    round_trips: int
+    final: JobStatus
+
+
+PATHS = [
+    Path_("lifecycle", completed, False, 3, S.COMPLETED),
+    Path_("tenant's first job", completed, True, 3, S.COMPLETED),
+    Path_("no producer record", no_producer_record, False, 3, S.COMPLETED),
+    Path_("no producer record, tenant's first job", no_producer_record, True, 3, S.COMPLETED),
+    Path_("duplicate delivery of a completed job", duplicate_delivery, False, 5, S.COMPLETED),
+    Path_("redelivered after a crash mid-job", redelivered_after_a_crash, False, 6, S.COMPLETED),
+    Path_("failed attempt, then a retry that completes", failed_then_retried, False, 5, S.COMPLETED),
+    Path_("dead-lettered after three attempts", dead_lettered, False, 7, S.DEAD_LETTERED),
+    Path_("dead-lettered job delivered again", dead_lettered_then_redelivered, False, 5, S.DEAD_LETTERED),
+]
+
+
+@pytest.mark.parametrize("path", PATHS, ids=[p.name for p in PATHS])
+async def test_each_job_lifecycle_costs_its_round_trips_and_keeps_counters_exact(rig: Rig, path: Path_) -> None:
+    tenant = "tenant-" + path.name.replace(" ", "-").replace(",", "").replace("'", "")
+    if not path.first_of_tenant:
+        await known_tenant(rig, tenant)
+    msg = message(tenant)
+    before = rig.requests()
+
+    await path.run(rig, msg)
+
+    cost = rig.requests() - before
+    assert cost.total == path.round_trips, f"{path.name}: {cost.total} requests ({cost.kinds})"
+    assert rig.tracker.buffered == rig.tracker.store_failures == rig.tracker.dropped_writes == 0
+    assert (await rig.store.get(tenant, msg.job_id)).status is path.final
+    stats = await rig.store.stats(tenant)
+    assert stats[path.final] == 1
+    assert await rig.store.recount(tenant) == {tenant: stats}
+
+
+def job(tenant: str, n: int = 1) -> Job:
+    return Job.new(job_id=f"job-{n}", tenant_id=tenant, shard_id=f"shard-{n}", shard_type_id="document")
+
+
+async def open_store(db: CosmosDatabase) -> CosmosJobStore:
+    return await CosmosJobStore.open(client=db.client, database=db.name, create_if_missing=True)
+
+
+async def assert_counts_exact(store: CosmosJobStore, tenant: str, pending: int) -> None:
+    assert await store.stats(tenant) == {**empty_stats(), S.PENDING: pending}
+    assert await store.recount(tenant) == {tenant: {**empty_stats(), S.PENDING: pending}}
+
+
+async def test_a_store_learns_which_tenants_have_counters_with_one_query(cosmos_db: CosmosDatabase) -> None:
+    async with await open_store(cosmos_db) as setup:
+        await setup.create(job("tenant-old"))
+    async with await open_store(cosmos_db) as store:
+        before = cosmos_db.server.requests(cosmos_db.name)
+        await store.create(job("tenant-new"))
+        await store.create(job("tenant-old", 2))
+        await store.create(job("tenant-newer"))
+        cost = cosmos_db.server.requests(cosmos_db.name) - before
+
+        assert cost.kinds == {"query": 1, "batch": 3}
+        for tenant, pending in (("tenant-old", 2), ("tenant-new", 1), ("tenant-newer", 1)):
+            await assert_counts_exact(store, tenant, pending)
+
+
+async def test_counters_created_by_another_store_since_it_learned_cost_one_batch_more(
+    cosmos_db: CosmosDatabase,
+) -> None:
+    async with await open_store(cosmos_db) as first, await open_store(cosmos_db) as second:
+        await first.create(job("tenant-warm"))
+        await second.create(job("tenant-warm", 2))
+        await second.create(job("tenant-a"))  # the tenant's first job, unknown to `first`
+        before = cosmos_db.server.requests(cosmos_db.name)
+
+        await first.create(job("tenant-a", 2))
+        await first.create(job("tenant-a", 3))
+
+        assert (cosmos_db.server.requests(cosmos_db.name) - before).kinds == {"batch": 3}
+        await assert_counts_exact(first, "tenant-a", 3)
+
+
+async def test_counters_dropped_by_a_recount_are_created_again_by_the_next_job(cosmos_db: CosmosDatabase) -> None:
+    async with await open_store(cosmos_db) as store, await open_store(cosmos_db) as other:
+        await store.create(job("tenant-a"))
+        await other.container.delete_item("job-1", partition_key="tenant-a")
+        assert await other.recount() == {}  # drops the counter document of a tenant without jobs
+        before = cosmos_db.server.requests(cosmos_db.name)
+
+        await store.create(job("tenant-a", 2))
+
+        assert (cosmos_db.server.requests(cosmos_db.name) - before).kinds == {"batch": 2}
+        await assert_counts_exact(store, "tenant-a", 1)
+
+
+async def test_past_the_known_tenants_limit_an_unseen_tenant_is_guessed_to_have_counters(
+    cosmos_db: CosmosDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("jobs.cosmos_store.KNOWN_TENANTS_LIMIT", 2)
+    async with await open_store(cosmos_db) as setup:
+        for n in range(3):
+            await setup.create(job(f"tenant-{n}"))
+    async with await open_store(cosmos_db) as store:
+        before = cosmos_db.server.requests(cosmos_db.name)
+        await store.create(job("tenant-new"))  # guessed "has counters": 404, then the batch that creates them
+        await store.create(job("tenant-2", 2))
+
+        assert (cosmos_db.server.requests(cosmos_db.name) - before).kinds == {"query": 1, "batch": 3}
+        await assert_counts_exact(store, "tenant-new", 1)
+        await assert_counts_exact(store, "tenant-2", 2)
+
+
+async def test_when_the_tenants_cannot_be_read_creates_guess_and_stay_exact(cosmos_db: CosmosDatabase) -> None:
+    async with await open_store(cosmos_db) as store:
+        await store.ping()
+        cosmos_db.server.set_fault("embedding-jobs", "fail")
+        try:
+            with pytest.raises(StoreUnavailableError):
+                await store.create(job("tenant-a"))
+        finally:
+            cosmos_db.server.set_fault("embedding-jobs", None)
+        before = cosmos_db.server.requests(cosmos_db.name)
+
+        await store.create(job("tenant-a"))  # no read again so soon: guessed, 404, then created
+        await store.create(job("tenant-a", 2))
+
+        assert (cosmos_db.server.requests(cosmos_db.name) - before).kinds == {"batch": 3}
+        await assert_counts_exact(store, "tenant-a", 2)
