@@ -19,27 +19,16 @@ deletes expired items without touching the counters, so run `purge` with the
 retention more often than the grace (it deletes with exact counter updates);
 the ttl is the backstop, and `recount` repairs counters after it fired.
 
-A job's create patches its tenant's counter document, or creates it in the same batch for
-a tenant that has none yet. Which of the two is learned once per store: the first create
-reads which tenants have a counter document (one cross-partition query page per
-SCAN_PAGE_SIZE tenants, up to KNOWN_TENANTS_LIMIT), and its own creates, recounts and
-counter repairs keep that knowledge current. A wrong guess (another process created the
-tenant's counters since, or a recount dropped them) costs one more batch, never a wrong
-count: the batch is atomic.
-
 `round_trips` counts the HTTP responses to this store's requests (query pages
 and retries included), so tests can assert what an operation costs.
 """
 
 from __future__ import annotations
 
-import asyncio
 import builtins
-import contextlib
 import logging
-import time
 from collections import Counter
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from typing import Any, Final, Self, cast
 
@@ -91,12 +80,6 @@ DEFAULT_CONTAINER: Final = "embedding-jobs"
 DEFAULT_EXPIRY_GRACE: Final = timedelta(days=1)
 MAX_BATCH_OPERATIONS: Final = 100  # the service's limit per transactional batch
 SCAN_PAGE_SIZE: Final = 1000
-# Tenants whose counter documents a store reads to learn which tenants have one; past this
-# many, a create for a tenant it has not seen guesses that the counters exist (as they do for
-# all but a tenant's first job), so memory stays bounded at any number of tenants.
-KNOWN_TENANTS_LIMIT: Final = 100_000
-# After the store failed to answer that read, creates guess for this long before asking again.
-_RELEARN_SECONDS: Final = 30.0
 # Rounds of "the batch failed, look, try again" before giving up; each round means another
 # writer changed the same job or counters in between, which is rare.
 _ATTEMPTS: Final = 5
@@ -158,13 +141,6 @@ class CosmosJobStore:
         if retention is not None and retention > timedelta(0):
             self.ttl = max(1, round((retention + expiry_grace).total_seconds()))
         self.round_trips = 0
-        # Tenants known to have a counter document, so a create knows whether to patch it or
-        # create it in the same batch. `_all_known`: every tenant that had one when they were read.
-        self._counted: set[str] = set()
-        self._all_known = False
-        self._learned = False
-        self._learning: asyncio.Task[None] | None = None
-        self._learn_after = 0.0
 
     @classmethod
     async def open(
@@ -208,10 +184,6 @@ class CosmosJobStore:
 
     async def close(self) -> None:
         """Close the client if this store opened it."""
-        if self._learning is not None:
-            self._learning.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._learning
         connection, self._connection = self._connection, None
         if connection is not None:
             await connection.close()
@@ -242,69 +214,32 @@ class CosmosJobStore:
     async def create(self, job: Job) -> Job:
         """Insert job and count it in one batch; if the tenant already has that id, return the stored job."""
         doc = self._job_doc(job)
-        tenant = job.tenant_id
-        has_counters = await self._has_counters(tenant)
+        count = _incr({job.status: 1})
         for _ in range(_ATTEMPTS):
-            if has_counters:
-                count: tuple[Any, ...] = ("patch", (COUNTERS_ID, _incr({job.status: 1})))
-            else:
-                count = ("create", (_counters_doc(tenant, {**empty_stats(), job.status: 1}),))
             try:
-                await self._batch(tenant, [("create", (doc,)), count], "create job")
-                self._counted.add(tenant)
+                try:
+                    await self._batch(
+                        job.tenant_id, [("create", (doc,)), ("patch", (COUNTERS_ID, count))], "create job"
+                    )
+                    return job
+                except CosmosBatchOperationError as exc:
+                    if _failed(exc) != (1, 404):
+                        raise
+                # The tenant's first job: create its counter document in the same batch.
+                counters = _counters_doc(job.tenant_id, {**empty_stats(), job.status: 1})
+                await self._batch(job.tenant_id, [("create", (doc,)), ("create", (counters,))], "create job")
                 return job
             except CosmosBatchOperationError as exc:
                 failed = _failed(exc)
                 if failed == (0, 409):
                     try:
-                        return await self.get(tenant, job.id)
+                        return await self.get(job.tenant_id, job.id)
                     except JobNotFoundError:
                         continue  # purged in between: insert it after all
-                if failed[0] != 1 or failed[1] not in (404, 409):
-                    raise
-                # The guess was wrong: 404, no counters yet (the tenant's first job, or a recount
-                # dropped them); 409, another writer created them since they were read.
-                has_counters = failed[1] == 409
-                if has_counters:
-                    self._counted.add(tenant)
-                else:
-                    self._counted.discard(tenant)
+                if failed == (1, 409):
+                    continue  # another writer created the counter document first
+                raise
         raise StoreUnavailableError(f"job {job.id}: its tenant's records kept changing during create")
-
-    async def _has_counters(self, tenant_id: str) -> bool:
-        """Whether the tenant has a counter document, as far as this store knows (learning it first)."""
-        if tenant_id in self._counted:
-            return True
-        await self._learn_tenants()
-        return tenant_id in self._counted or not self._all_known
-
-    async def _learn_tenants(self) -> None:
-        """Read which tenants have a counter document, once per store; a failed read is retried later."""
-        if self._learned or (self._learning is None and time.monotonic() < self._learn_after):
-            return
-        if self._learning is None:
-            self._learning = asyncio.create_task(self._read_counted_tenants(), name="cosmos-counted-tenants")
-        # Shielded: a caller that gives up (the tracker's timeout) leaves the read to finish for the next.
-        await asyncio.shield(self._learning)
-
-    async def _read_counted_tenants(self) -> None:
-        tenants: builtins.list[str] = []
-        sql = "SELECT VALUE c.tenantId FROM c WHERE c.type = @type"
-        try:
-            async with contextlib.aclosing(self._pages(sql, _params(type=COUNTERS_TYPE))) as pages:
-                async for page in pages:
-                    tenants.extend(page)
-                    if len(tenants) > KNOWN_TENANTS_LIMIT:
-                        break
-        except Exception as exc:  # only a guess depends on this read: creates go on either way
-            log.info("could not read which tenants have job counters; guessing for now: %r", exc)
-            self._learn_after = time.monotonic() + _RELEARN_SECONDS
-            return
-        finally:
-            self._learning = None
-        self._counted.update(tenants[:KNOWN_TENANTS_LIMIT])
-        self._all_known = len(tenants) <= KNOWN_TENANTS_LIMIT
-        self._learned = True
 
     async def transition(
         self,
@@ -374,7 +309,6 @@ class CosmosJobStore:
                 await self.container.create_item(_counters_doc(tenant_id, empty_stats()), raw_response_hook=self._count)
         except CosmosResourceExistsError:
             pass
-        self._counted.add(tenant_id)
 
     async def _tenants(self) -> builtins.list[str]:
         """Every tenant that has a counter document, i.e. that ever had a job."""
@@ -493,10 +427,6 @@ class CosmosJobStore:
                     )
         except (CosmosAccessConditionFailedError, CosmosResourceExistsError, CosmosResourceNotFoundError):
             return False
-        if etag is not None and drop_empty and not any(stats.values()):
-            self._counted.discard(tenant_id)
-        elif etag is not None or any(stats.values()):
-            self._counted.add(tenant_id)
         return True
 
     # -- reads ------------------------------------------------------------------
@@ -522,7 +452,7 @@ class CosmosJobStore:
         params: builtins.list[dict[str, Any]],
         tenant_id: str | None = None,
         page_size: int = SCAN_PAGE_SIZE,
-    ) -> AsyncGenerator[builtins.list[Any]]:
+    ) -> AsyncIterator[builtins.list[Any]]:
         """Pages of a parameterised query: in tenant_id's partition, or across partitions when None."""
         options: dict[str, Any] = {"parameters": params, "max_item_count": page_size}
         if tenant_id is not None:

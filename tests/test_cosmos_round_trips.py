@@ -18,9 +18,7 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
 from jobs.cosmos_store import CosmosJobStore
-from jobs.errors import StoreUnavailableError
-from jobs.model import Job, JobMetadata, JobStatus
-from jobs.store import empty_stats
+from jobs.model import JobMetadata, JobStatus
 from tests.conftest import CosmosDatabase
 from tests.cosmos_server import RequestCounts
 from worker.local_queue import LocalQueue
@@ -73,9 +71,6 @@ async def rig(cosmos_db: CosmosDatabase, tmp_path: Path) -> AsyncIterator[Rig]:
         tracker = JobTracker(store)
         await stack.enter_async_context(tracker.running())
         rig = Rig(cosmos_db, store, Producer(store, queue, get_tracer(provider)), tracker)
-        # A job of another tenant first: what a store learns once, when it starts, is not
-        # part of any lifecycle.
-        await rig.enqueue(JobMessage("warm-up", "tenant-warm", "shard-0", "document"))
         yield rig
 
 
@@ -140,9 +135,10 @@ class Path_:
 
 PATHS = [
     Path_("lifecycle", completed, False, 3, S.COMPLETED),
-    Path_("tenant's first job", completed, True, 3, S.COMPLETED),
+    # A tenant's first create meets no counter document and is sent again creating it: once per tenant, ever.
+    Path_("tenant's first job", completed, True, 4, S.COMPLETED),
     Path_("no producer record", no_producer_record, False, 3, S.COMPLETED),
-    Path_("no producer record, tenant's first job", no_producer_record, True, 3, S.COMPLETED),
+    Path_("no producer record, tenant's first job", no_producer_record, True, 4, S.COMPLETED),
     Path_("duplicate delivery of a completed job", duplicate_delivery, False, 5, S.COMPLETED),
     Path_("redelivered after a crash mid-job", redelivered_after_a_crash, False, 6, S.COMPLETED),
     Path_("failed attempt, then a retry that completes", failed_then_retried, False, 5, S.COMPLETED),
@@ -169,94 +165,3 @@ async def test_each_job_lifecycle_costs_its_round_trips_and_keeps_counters_exact
     assert stats[path.final] == 1
     assert await rig.store.recount(tenant) == {tenant: stats}
 
-
-def job(tenant: str, n: int = 1) -> Job:
-    return Job.new(job_id=f"job-{n}", tenant_id=tenant, shard_id=f"shard-{n}", shard_type_id="document")
-
-
-async def open_store(db: CosmosDatabase) -> CosmosJobStore:
-    return await CosmosJobStore.open(client=db.client, database=db.name, create_if_missing=True)
-
-
-async def assert_counts_exact(store: CosmosJobStore, tenant: str, pending: int) -> None:
-    assert await store.stats(tenant) == {**empty_stats(), S.PENDING: pending}
-    assert await store.recount(tenant) == {tenant: {**empty_stats(), S.PENDING: pending}}
-
-
-async def test_a_store_learns_which_tenants_have_counters_with_one_query(cosmos_db: CosmosDatabase) -> None:
-    async with await open_store(cosmos_db) as setup:
-        await setup.create(job("tenant-old"))
-    async with await open_store(cosmos_db) as store:
-        before = cosmos_db.server.requests(cosmos_db.name)
-        await store.create(job("tenant-new"))
-        await store.create(job("tenant-old", 2))
-        await store.create(job("tenant-newer"))
-        cost = cosmos_db.server.requests(cosmos_db.name) - before
-
-        assert cost.kinds == {"query": 1, "batch": 3}
-        for tenant, pending in (("tenant-old", 2), ("tenant-new", 1), ("tenant-newer", 1)):
-            await assert_counts_exact(store, tenant, pending)
-
-
-async def test_counters_created_by_another_store_since_it_learned_cost_one_batch_more(
-    cosmos_db: CosmosDatabase,
-) -> None:
-    async with await open_store(cosmos_db) as first, await open_store(cosmos_db) as second:
-        await first.create(job("tenant-warm"))
-        await second.create(job("tenant-warm", 2))
-        await second.create(job("tenant-a"))  # the tenant's first job, unknown to `first`
-        before = cosmos_db.server.requests(cosmos_db.name)
-
-        await first.create(job("tenant-a", 2))
-        await first.create(job("tenant-a", 3))
-
-        assert (cosmos_db.server.requests(cosmos_db.name) - before).kinds == {"batch": 3}
-        await assert_counts_exact(first, "tenant-a", 3)
-
-
-async def test_counters_dropped_by_a_recount_are_created_again_by_the_next_job(cosmos_db: CosmosDatabase) -> None:
-    async with await open_store(cosmos_db) as store, await open_store(cosmos_db) as other:
-        await store.create(job("tenant-a"))
-        await other.container.delete_item("job-1", partition_key="tenant-a")
-        assert await other.recount() == {}  # drops the counter document of a tenant without jobs
-        before = cosmos_db.server.requests(cosmos_db.name)
-
-        await store.create(job("tenant-a", 2))
-
-        assert (cosmos_db.server.requests(cosmos_db.name) - before).kinds == {"batch": 2}
-        await assert_counts_exact(store, "tenant-a", 1)
-
-
-async def test_past_the_known_tenants_limit_an_unseen_tenant_is_guessed_to_have_counters(
-    cosmos_db: CosmosDatabase, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("jobs.cosmos_store.KNOWN_TENANTS_LIMIT", 2)
-    async with await open_store(cosmos_db) as setup:
-        for n in range(3):
-            await setup.create(job(f"tenant-{n}"))
-    async with await open_store(cosmos_db) as store:
-        before = cosmos_db.server.requests(cosmos_db.name)
-        await store.create(job("tenant-new"))  # guessed "has counters": 404, then the batch that creates them
-        await store.create(job("tenant-2", 2))
-
-        assert (cosmos_db.server.requests(cosmos_db.name) - before).kinds == {"query": 1, "batch": 3}
-        await assert_counts_exact(store, "tenant-new", 1)
-        await assert_counts_exact(store, "tenant-2", 2)
-
-
-async def test_when_the_tenants_cannot_be_read_creates_guess_and_stay_exact(cosmos_db: CosmosDatabase) -> None:
-    async with await open_store(cosmos_db) as store:
-        await store.ping()
-        cosmos_db.server.set_fault("embedding-jobs", "fail")
-        try:
-            with pytest.raises(StoreUnavailableError):
-                await store.create(job("tenant-a"))
-        finally:
-            cosmos_db.server.set_fault("embedding-jobs", None)
-        before = cosmos_db.server.requests(cosmos_db.name)
-
-        await store.create(job("tenant-a"))  # no read again so soon: guessed, 404, then created
-        await store.create(job("tenant-a", 2))
-
-        assert (cosmos_db.server.requests(cosmos_db.name) - before).kinds == {"batch": 3}
-        await assert_counts_exact(store, "tenant-a", 2)
