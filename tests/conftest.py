@@ -83,3 +83,19 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
                 await client.delete_database(name)
     else:  # pragma: no cover - a backend listed without a factory
         raise AssertionError(f"no factory for backend {backend}")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """List the figures tests measured (their "figure" user properties: image size, build times)."""
+    figures = [
+        (report.nodeid, value)
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        if getattr(report, "when", None) == "call"
+        for name, value in getattr(report, "user_properties", ())
+        if name == "figure"
+    ]
+    if figures:
+        terminalreporter.section("figures measured")
+        for nodeid, value in figures:
+            terminalreporter.write_line(f"{value}  ({nodeid})")
