@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.components import missing
 from tests.helm_tools import REPO
 
@@ -30,6 +32,8 @@ TOOLS = {"podman": "podman", "runc": "runc", "catatonit": "catatonit", "mmdebstr
 CATATONIT_PATHS = ("/usr/libexec/podman/catatonit", "/usr/bin/catatonit")
 # Certificates a machine adds to its own trust store; none may end up in the image.
 LOCAL_CA_DIR = Path("/usr/local/share/ca-certificates")
+# Figures measured while the session's image fixture is set up (base and build times), for a test to report.
+IMAGE_FIGURES = pytest.StashKey[list[str]]()
 
 
 class PodmanError(RuntimeError):

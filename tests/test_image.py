@@ -12,7 +12,6 @@ import shutil
 import time
 import tomllib
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,42 +19,11 @@ import yaml
 
 from tests.components import wait_for
 from tests.helm_tools import CHART, REPO
-from tests.podman_tools import (
-    IMAGE_REPOSITORY,
-    Podman,
-    build_image,
-    ensure_base,
-    local_certificates,
-    require_podman,
-)
+from tests.podman_tools import IMAGE_FIGURES, IMAGE_REPOSITORY, Podman, build_image, local_certificates
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 UID = 10001
 HEARTBEAT = "/tmp/worker-heartbeat"
-# Figures measured while the module's fixtures are set up, reported by its first test.
-FIGURES = pytest.StashKey[list[str]]()
-
-
-@pytest.fixture(scope="module")
-def podman() -> Podman:
-    """podman, or a skip (a failure under CI=true) naming what is missing."""
-    return require_podman()
-
-
-@pytest.fixture(scope="module")
-def image(podman: Podman, request: pytest.FixtureRequest) -> Iterator[str]:
-    """The image built from the working tree under a tag of this run's own, removed afterwards."""
-    base_seconds = ensure_base(podman)
-    tag = f"{IMAGE_REPOSITORY}:test-{uuid.uuid4().hex[:12]}"
-    started = time.monotonic()
-    build_image(podman, tag)
-    request.config.stash.setdefault(FIGURES, []).extend(
-        [f"base image ready in {base_seconds:.0f}s", f"image built in {time.monotonic() - started:.0f}s"]
-    )
-    try:
-        yield tag
-    finally:
-        podman.run("rmi", "--force", tag, check=False)
 
 
 def report(request: pytest.FixtureRequest, figure: str) -> None:
@@ -66,7 +34,7 @@ def report(request: pytest.FixtureRequest, figure: str) -> None:
 def test_image_runs_as_a_numeric_non_root_user_and_is_labelled_with_version_and_source(
     podman: Podman, image: str, request: pytest.FixtureRequest
 ) -> None:
-    for figure in request.config.stash.get(FIGURES, []):
+    for figure in request.config.stash.get(IMAGE_FIGURES, []):
         report(request, figure)
     inspected = podman.inspect("image", image)
     size = int(inspected["Size"])
