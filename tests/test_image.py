@@ -119,7 +119,8 @@ def test_a_source_change_rebuilds_on_the_cached_dependency_layer(
     for package in ("jobs", "worker", "exporter", "embedding_jobs"):
         shutil.copytree(REPO / package, context / package, ignore=shutil.ignore_patterns("__pycache__"))
     with (context / "jobs" / "__init__.py").open("a") as module:
-        module.write("# a change to the source\n")
+        # Unique, so that no earlier run's layer matches it.
+        module.write(f"# a change to the source: {uuid.uuid4().hex}\n")
     tag = f"{IMAGE_REPOSITORY}:test-{uuid.uuid4().hex[:12]}"
     started = time.monotonic()
     try:

@@ -18,7 +18,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from jobs.model import JobStatus
 from jobs.sqlite_store import SQLiteJobStore
 from tests.components import free_port, missing, wait_for
-from tests.helm_tools import HELM, Helm
+from tests.helm_tools import CHART, HELM, Helm
 from tests.podman_tools import Podman
 from worker.local_queue import LocalQueue
 
@@ -85,6 +85,7 @@ class Pod:
     data: Path
     grace_seconds: int
     deployment: Mapping[str, Any]
+    figures: list[str] = field(default_factory=list)
 
     def container(self, name: str) -> str:
         """The podman name of one of the Deployment's containers."""
@@ -96,16 +97,16 @@ class Pod:
         return self.podman.run("exec", *interactive, self.container(container), *args, input=stdin, check=False)
 
     def get(self, path: str, token: str | None = None) -> tuple[int, str]:
-        """GET path from the exporter over the pod's shared loopback, from the worker's container."""
+        """GET path from the exporter over the pod's loopback (from its own container: it outlives the worker)."""
         url = f"http://127.0.0.1:{self.port}{path}"
-        result = self.exec("worker", "python", "-c", HTTP_GET, url, *([token] if token else []))
+        result = self.exec("exporter", "python", "-c", HTTP_GET, url, *([token] if token else []))
         assert result.returncode == 0, result.stderr
         reply = json.loads(result.stdout)
         return int(reply["status"]), str(reply["body"])
 
     def stats(self) -> dict[str, dict[str, int]]:
-        """`embedding-jobs jobs stats` run in the worker container: counts by tenant and status."""
-        result = self.exec("worker", "embedding-jobs", "jobs", "stats", "--output", "json")
+        """`embedding-jobs jobs stats` in the exporter's container (it mounts the store): counts by tenant."""
+        result = self.exec("exporter", "embedding-jobs", "jobs", "stats", "--output", "json")
         assert result.returncode == 0, result.stderr
         stats: dict[str, dict[str, int]] = json.loads(result.stdout)
         return stats
@@ -137,13 +138,14 @@ class Pod:
         )
 
     def _ready(self) -> bool:
-        result = self.exec("worker", "python", "-c", HTTP_GET, f"http://127.0.0.1:{self.port}/readyz")
+        result = self.exec("exporter", "python", "-c", HTTP_GET, f"http://127.0.0.1:{self.port}/readyz")
         return result.returncode == 0 and json.loads(result.stdout)["status"] == 200
 
-    def stop(self) -> float:
-        """Stop the pod as Kubernetes would (SIGTERM, then up to the grace period); the seconds it took."""
+    def stop_worker(self) -> float:
+        """SIGTERM to the worker, then up to the grace period, as the kubelet does; the seconds it took."""
         started = time.monotonic()
-        self.podman.run("pod", "stop", "--time", str(self.grace_seconds), self.name, timeout=self.grace_seconds + 60)
+        container = self.container("worker")
+        self.podman.run("stop", "--time", str(self.grace_seconds), container, timeout=self.grace_seconds + 60)
         return time.monotonic() - started
 
     def down(self) -> None:
@@ -152,27 +154,32 @@ class Pod:
 
 
 def render(helm: Helm, *, image: str, fullname: str, secret: str, port: int) -> list[dict[str, Any]]:
-    """The chart's ConfigMap and Deployment as the pod test plays them."""
+    """The chart's ConfigMap and Deployment as the pod test plays them (the README's `helm template`)."""
     repository, _, tag = image.rpartition(":")
-    rendered = helm.template(
-        set_values=[
-            f"fullnameOverride={fullname}",
-            f"image.repository={repository}",
-            f"image.tag={tag}",
-            "image.pullPolicy=Never",
-            "exporter.nativeSidecar=false",
-            f"exporter.port={port}",
-            f"secrets.apiTokens.name={secret}",
-            f"worker.drainTimeoutSeconds={DRAIN_SECONDS}",
-            "config.embedder=openai",
-            f"config.openaiEndpoint=http://127.0.0.1:{EMBEDDINGS_PORT}/",
-            "config.concurrency=4",
-            # A killed worker's messages come back after their lock: short, so the test need not wait long.
-            "config.lockDuration=5",
-        ]
-    )
+    settings = {
+        "fullnameOverride": fullname,
+        "image.repository": repository,
+        "image.tag": tag,
+        "image.pullPolicy": "Never",
+        "exporter.nativeSidecar": "false",
+        "exporter.port": str(port),
+        "secrets.apiTokens.name": secret,
+        "worker.drainTimeoutSeconds": str(DRAIN_SECONDS),
+        "config.embedder": "openai",
+        "config.openaiEndpoint": f"http://127.0.0.1:{EMBEDDINGS_PORT}/",
+        "config.concurrency": "4",
+        # A killed worker's messages come back after their lock: short, so the test need not wait long.
+        "config.lockDuration": "5",
+    }
+    args = ["template", "ej", str(CHART), "--show-only", "templates/configmap.yaml"]
+    args += ["--show-only", "templates/deployment.yaml"]
+    for key, value in settings.items():
+        args += ["--set", f"{key}={value}"]
+    rendered = helm.run(*args)
     assert rendered.returncode == 0, rendered.stderr
-    return [doc for doc in yaml.safe_load_all(rendered.stdout) if doc and doc["kind"] in {"ConfigMap", "Deployment"}]
+    documents = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
+    assert [doc["kind"] for doc in documents] == ["ConfigMap", "Deployment"]
+    return documents
 
 
 @pytest.fixture(scope="module")
@@ -204,14 +211,19 @@ def pod(podman: Podman, image: str, tmp_path_factory: pytest.TempPathFactory) ->
     grace = int(deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"])
     played = Pod(podman, manifest, f"{fullname}-pod-0", token, port, data, grace, deployment)
     try:
+        started = time.monotonic()
         played.play()
+        played.figures.append(f"pod played and ready in {time.monotonic() - started:.1f}s")
         yield played
     finally:
         podman.run("kube", "down", str(manifest), check=False, timeout=grace + 60)
         podman.run("secret", "rm", secret, check=False)
 
 
-def test_pod_runs_both_containers_as_uid_10001_on_read_only_roots_and_the_chart_s_probes_pass(pod: Pod) -> None:
+def test_pod_runs_both_containers_as_uid_10001_on_read_only_roots_and_the_chart_s_probes_pass(
+    pod: Pod, request: pytest.FixtureRequest
+) -> None:
+    request.node.user_properties.extend(("figure", figure) for figure in pod.figures)
     containers = {c["name"]: c for c in pod.deployment["spec"]["template"]["spec"]["containers"]}
     assert set(containers) == {"worker", "exporter"}
     for name in containers:
@@ -281,23 +293,30 @@ def under_way(pod: Pod, tenant: str, completed: int) -> dict[str, int]:
     return pod.stats()[tenant]
 
 
-def test_sigterm_drains_in_flight_jobs_and_no_stop_loses_a_job(pod: Pod) -> None:
+def test_sigterm_drains_in_flight_jobs_and_no_stop_loses_a_job(pod: Pod, request: pytest.FixtureRequest) -> None:
     total = 40
     pod.ingest("drain", total)
     before = under_way(pod, "drain", 0)
     assert before["processing"] > 0, f"no job in flight to drain: {before}"
-    # Kubernetes' stop: SIGTERM to every container, then up to the grace period. podman 4.3's `kube down`
-    # kills at once (it stops the pod with a zero timeout), so the graceful stop is `pod stop` before it.
-    seconds = pod.stop()
-    assert seconds < pod.grace_seconds, f"the pod took {seconds:.1f}s to stop"
+    # Kubernetes' stop: SIGTERM, then up to the grace period, with the exporter kept running by its preStop
+    # hook until the worker has drained. podman 4.3 runs no preStop hook and its `kube down` kills at once
+    # (a zero stop timeout), so the worker is stopped on its own first, the way the kubelet would stop it.
+    seconds = pod.stop_worker()
+    request.node.user_properties.append(("figure", f"worker stopped (SIGTERM, drain, span flush) in {seconds:.1f}s"))
+    assert seconds < pod.grace_seconds, f"the worker took {seconds:.1f}s to stop"
     worker = pod.podman.inspect("container", pod.container("worker"))["State"]
     assert worker["ExitCode"] == 0, worker
-    pod.down()
-    drained = asyncio.run(read_store(pod.data))
-    counts = drained.stats["drain"]
+    counts = pod.stats()["drain"]
     # The jobs in flight at SIGTERM finished: none is left processing, and more completed than before.
     assert counts["processing"] == 0, counts
     assert before["completed"] < counts["completed"] < total, (before, counts)
+    # Their spans reached the sidecar before the worker exited.
+    status, metrics = pod.get("/metrics")
+    assert status == 200, metrics
+    assert attempts(metrics).get(("drain", "completed")) == counts["completed"]
+    pod.down()
+    drained = asyncio.run(read_store(pod.data))
+    assert drained.stats["drain"] == counts
     # Nothing lost: every job not finished still has its message waiting in the queue.
     assert counts["pending"] + counts["failed"] == drained.queued, (counts, drained.queued)
     assert drained.stats == drained.recount
