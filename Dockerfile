@@ -1,5 +1,5 @@
 # One image for both processes of a pod: `embedding-jobs worker` (the default) and `embedding-jobs exporter`.
-# Build: podman build -t embedding-jobs .  (or docker build)   Run locally: see README, "Container image".
+# Build: `make image` (podman or docker). Run it, and the chart as a pod: README, "Container image and pod".
 # Both stages must use the same base: the venv built in the first one points at its Python.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 

@@ -16,7 +16,15 @@ from jobs.sqlite_store import SQLiteJobStore
 from jobs.store import JobStore
 from tests.components import missing
 from tests.cosmos_server import CosmosServer, CosmosServerUnavailable, cosmos_client, start_cosmos_server
-from tests.podman_tools import IMAGE_FIGURES, IMAGE_REPOSITORY, Podman, build_image, ensure_base, require_podman
+from tests.podman_tools import (
+    IMAGE_FIGURES,
+    IMAGE_REPOSITORY,
+    Podman,
+    build_image,
+    ensure_base,
+    keep_cache_and_prune,
+    require_podman,
+)
 from tests.servicebus_peer import ServiceBusPeer
 
 STORE_BACKENDS = ["sqlite", "cosmos"]
@@ -64,7 +72,7 @@ def image(podman: Podman, request: pytest.FixtureRequest) -> Iterator[str]:
     try:
         yield tag
     finally:
-        podman.run("rmi", "--force", tag, check=False)
+        keep_cache_and_prune(podman, tag)
 
 
 @dataclass(frozen=True, slots=True)

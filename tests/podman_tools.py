@@ -25,6 +25,8 @@ from tests.helm_tools import REPO
 CONTAINERS_CONF = REPO / "tests" / "podman" / "containers.conf"
 BUILD_BASE = REPO / "scripts" / "build-python-base"
 BASE_IMAGE = "localhost/python:3.11-slim-bookworm"
+# The label scripts/build-python-base puts on the base, and so on every image built from it.
+BASE_LABEL = "org.embedding-jobs.base-recipe"
 IMAGE_REPOSITORY = "localhost/embedding-jobs"
 # Debian packages and the binaries they bring: podman itself, the runtime the containers.conf names,
 # the pause binary `podman kube play` needs, and what bootstraps the base image.
@@ -120,6 +122,22 @@ def build_image(podman: Podman, tag: str, context: Path = REPO) -> subprocess.Co
         str(context),
         timeout=900,
     )
+
+
+def keep_cache_and_prune(podman: Podman, tag: str) -> None:
+    """Tag the last build's two stages as the cache the next run starts from; remove every other leftover.
+
+    Untagged images of earlier builds (each source change leaves a few) would otherwise pile up run after
+    run; only images built on the Debian-built base (they carry its label) are pruned.
+    """
+    podman.run("tag", tag, f"{IMAGE_REPOSITORY}:cache")
+    # The dependency layer lives in the build stage, which no tagged image descends from: tag it too.
+    podman.run(
+        "build", "--quiet", "--network", "none", "--target", "build", "--build-arg", f"PYTHON_IMAGE={BASE_IMAGE}",
+        "--tag", f"{IMAGE_REPOSITORY}:build-cache", str(REPO), timeout=300, check=False,
+    )  # fmt: skip
+    podman.run("rmi", "--force", tag, check=False)
+    podman.run("image", "prune", "--force", "--filter", f"label={BASE_LABEL}", check=False, timeout=300)
 
 
 def local_certificates() -> dict[str, str]:
