@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import logging
 import sys
 import uuid
 from array import array
@@ -34,8 +33,6 @@ from jobs.cosmos_setup import ContainerSpec, CosmosConnection, open_containers, 
 from jobs.errors import JobError, StoreUnavailableError
 from jobs.model import format_time, parse_time, validate_id, validate_tenant_id
 from worker.shards import Shard, ShardNotFoundError, ShardVectors
-
-log = logging.getLogger(__name__)
 
 SHARD_TYPE: Final = "shard"
 VECTORS_TYPE: Final = "vectors"
