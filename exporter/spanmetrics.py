@@ -242,11 +242,11 @@ class SpanMetrics(Collector):
     def collect(self) -> Iterator[Metric]:
         """The same values as standard metric families (for registry readers; slower than render)."""
         tenants = self._snapshot()
-        attempts = CounterMetricFamily(m.ATTEMPTS, m.ATTEMPTS_HELP, labels=["tenant", "outcome"])
-        vectors = CounterMetricFamily(m.VECTORS, m.VECTORS_HELP, labels=["tenant"])
-        duration_labels = ["tenant", "outcome"] if self.by_outcome else ["tenant"]
+        attempts = CounterMetricFamily(m.ATTEMPTS, m.ATTEMPTS_HELP, labels=m.ATTEMPTS_LABELS)
+        vectors = CounterMetricFamily(m.VECTORS, m.VECTORS_HELP, labels=m.VECTORS_LABELS)
+        duration_labels = m.JOB_DURATION_LABELS_FULL if self.by_outcome else m.JOB_DURATION_LABELS
         duration = HistogramMetricFamily(m.JOB_DURATION, m.JOB_DURATION_HELP, labels=duration_labels, unit=m.SECONDS)
-        wait = HistogramMetricFamily(m.QUEUE_WAIT, m.QUEUE_WAIT_HELP, labels=["tenant"], unit=m.SECONDS)
+        wait = HistogramMetricFamily(m.QUEUE_WAIT, m.QUEUE_WAIT_HELP, labels=m.QUEUE_WAIT_LABELS, unit=m.SECONDS)
         for tenant, data in tenants:
             for i, outcome in enumerate(m.ATTEMPT_OUTCOMES):
                 attempts.add_metric([tenant, outcome], data.attempts[i], exemplar=_exemplar(data.attempt_exemplars[i]))
@@ -260,10 +260,10 @@ class SpanMetrics(Collector):
             if any(data.wait.counts):
                 _add_histogram(wait, [tenant], self.wait_buckets, data.wait)
         yield from (attempts, vectors, duration, wait)
-        received = CounterMetricFamily(m.SPANS_RECEIVED, m.SPANS_RECEIVED_HELP, labels=["source"])
+        received = CounterMetricFamily(m.SPANS_RECEIVED, m.SPANS_RECEIVED_HELP, labels=m.SPANS_RECEIVED_LABELS)
         for source, count in zip(m.SPAN_SOURCES, self._received, strict=True):
             received.add_metric([source], count)
-        dropped = CounterMetricFamily(m.SPANS_DROPPED, m.SPANS_DROPPED_HELP, labels=["reason"])
+        dropped = CounterMetricFamily(m.SPANS_DROPPED, m.SPANS_DROPPED_HELP, labels=m.SPANS_DROPPED_LABELS)
         for reason, count in zip(m.DROP_REASONS, self._dropped, strict=True):
             dropped.add_metric([reason], count)
         yield from (received, dropped)

@@ -90,12 +90,16 @@ class WorkerHealth(Collector):
         """One family per tracker counter and gauge, a series per worker; every counter from 0."""
         readings = sorted(self.readings().items())
         for name in attr.TRACKING_COUNTERS:
-            family = CounterMetricFamily(m.WORKER_TRACKING + name, m.WORKER_TRACKING_HELP[name], labels=["worker"])
+            family = CounterMetricFamily(
+                m.WORKER_TRACKING + name, m.WORKER_TRACKING_HELP[name], labels=m.WORKER_TRACKING_LABELS
+            )
             for worker, values in readings:
                 family.add_metric([worker], values.get(name, 0.0))
             yield family
         for name in attr.TRACKING_GAUGES:
-            gauge = GaugeMetricFamily(m.WORKER_TRACKING + name, m.WORKER_TRACKING_HELP[name], labels=["worker"])
+            gauge = GaugeMetricFamily(
+                m.WORKER_TRACKING + name, m.WORKER_TRACKING_HELP[name], labels=m.WORKER_TRACKING_LABELS
+            )
             for worker, values in readings:
                 gauge.add_metric([worker], values.get(name, 0.0))
             yield gauge
