@@ -8,14 +8,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from pytest_aiohttp.plugin import AiohttpClient
 
 from exporter import metrics as m
 from exporter.app import create_app, create_otlp_app
 from exporter.keys import REGISTRY, SPAN_METRICS, STATE, WORKER_HEALTH
+from exporter.spanmetrics import SpanMetrics
 from exporter.state import StateCollector
 from exporter.tenants import TenantLimiter
+from exporter.workerhealth import WorkerHealth
 from jobs import telemetry as attr
 from jobs.model import Job
 from jobs.settings import Settings
@@ -82,3 +84,15 @@ async def test_state_collector_describes_its_families_so_a_duplicate_name_is_ref
         Gauge(m.JOBS, "a second family of the same name", registry=without_depth)
     # No queue to read: the depth gauge is neither served nor claimed.
     Gauge(m.QUEUE_MESSAGES, "free to use", registry=without_depth)
+
+
+def test_span_metrics_and_worker_health_describe_their_families_so_a_duplicate_name_is_refused() -> None:
+    registry = CollectorRegistry()
+    SpanMetrics(registry)
+    WorkerHealth(registry)
+    taken = [m.ATTEMPTS, m.VECTORS, m.JOB_DURATION, m.QUEUE_WAIT, m.SPANS_RECEIVED, m.SPANS_DROPPED]
+    taken += [m.TENANTS_FOLDED, m.TENANTS_EVICTED]
+    taken += [m.WORKER_TRACKING + name for name in attr.TRACKING_COUNTERS + attr.TRACKING_GAUGES]
+    for name in taken:
+        with pytest.raises(ValueError, match="Duplicated timeseries"):
+            Counter(name, "a second family of the same name", registry=registry)
