@@ -67,23 +67,24 @@ class BaggageAtJobStart(SpanProcessor):
 
 
 @pytest.mark.usefixtures("tracecontext_and_baggage")
-async def test_baggage_set_by_the_producer_reaches_the_consumer(pipeline: PipelineFactory, tmp_path: Path) -> None:
+async def test_baggage_set_by_the_producer_reaches_every_attempt_of_the_job(
+    pipeline: PipelineFactory, tmp_path: Path
+) -> None:
     starts = BaggageAtJobStart()
     async with pipeline(tmp_path, processors=[starts]) as p:
         token = context.attach(baggage.set_baggage("customer.plan", "gold"))
         try:
-            job = await p.ingest("tenant-a", "shard-1", "baggage travels with the job")
+            # FAIL_ONCE: the first attempt fails, so the retry the worker schedules must carry it too.
+            job = await p.ingest("tenant-a", "shard-1", "FAIL_ONCE baggage travels with the job")
         finally:
             context.detach(token)
         p.start()
         await p.wait_for_status("tenant-a", job.id, JobStatus.COMPLETED)
         await p.wait_idle()
-    assert starts.seen == [{"customer.plan": "gold"}]
-    producer = next(s for s in p.spans.get_finished_spans() if s.name == attr.ENQUEUE_SPAN)
-    (consumer,) = p.job_spans()
-    assert producer.context is not None
-    assert consumer.parent is not None
-    assert consumer.parent.span_id == producer.context.span_id
+    assert starts.seen == [{"customer.plan": "gold"}, {"customer.plan": "gold"}]
+    attempts = p.job_spans()
+    assert [(s.attributes or {}).get(attr.OUTCOME) for s in attempts] == ["failed", "completed"]
+    assert len({s.context.trace_id for s in attempts if s.context is not None}) == 1
 
 
 @pytest.mark.usefixtures("tracecontext_and_baggage")

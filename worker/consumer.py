@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -23,7 +24,7 @@ from worker.embedders.base import Embedder
 from worker.errors import PermanentError, RetryableError
 from worker.heartbeat import Heartbeat
 from worker.local_path import Begun, LocalPath
-from worker.messages import MAX_ATTEMPT, JobMessage, MalformedMessageError, parse_message, trace_carrier
+from worker.messages import MAX_ATTEMPT, JobMessage, MalformedMessageError, parse_message
 from worker.queue import MessageLockLostError, Queue, QueueError, ReceivedMessage
 from worker.shards import Shard, ShardNotFoundError, ShardStore, ShardVectors
 from worker.tracing import extract_context, inject_context
@@ -63,9 +64,10 @@ class ConsumerConfig:
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
-    """Delay before retry number `attempt` (1-based): exponential, capped, with full jitter."""
+    """Delay before retry number `attempt` (1-based): exponential, capped, with equal jitter."""
     ceiling = min(cap, base * 2.0 ** (attempt - 1))
-    # Full jitter keeps a burst of failures from retrying in lockstep; half is kept as a floor.
+    # Equal jitter (half the ceiling fixed, half random) keeps a burst of failures from retrying
+    # in lockstep and never retries sooner than half the ceiling.
     return ceiling / 2 + rng.uniform(0, ceiling / 2)
 
 
@@ -169,37 +171,41 @@ class Consumer:
 
     async def _handle(self, received: ReceivedMessage) -> Outcome:
         begun = self._local.take(received) if self._local is not None else None
-        context = extract_context(trace_carrier(received.application_properties))
-        with self.tracer.start_as_current_span(
-            JOB_SPAN,
-            context=context,
-            kind=SpanKind.CONSUMER,
-            attributes={
-                attr.MESSAGING_SYSTEM: self.config.messaging_system,
-                attr.MESSAGING_DESTINATION: self.queue.name,
-                attr.MESSAGING_OPERATION_TYPE: "process",
-                attr.MESSAGING_OPERATION_NAME: "process",
-                attr.MESSAGING_MESSAGE_ID: received.message_id,
-                attr.MESSAGING_DELIVERY_COUNT: received.delivery_count,
-                attr.QUEUE_WAIT: _queue_wait(received),
-            },
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
-            renewer = asyncio.create_task(self._renew_lock(received))
-            try:
-                outcome = await self._process(received, span, begun)
-            except asyncio.CancelledError:
-                span.set_attribute(attr.OUTCOME, "abandoned")
-                await asyncio.shield(self._settle(self.queue.abandon(received), received))
-                raise
-            finally:
-                renewer.cancel()
-            span.set_attribute(attr.OUTCOME, outcome.value)
-            if outcome in (Outcome.FAILED, Outcome.DEAD_LETTERED):
-                span.set_status(Status(StatusCode.ERROR))
-            self.processed[outcome] += 1
-            return outcome
+        # Attached, not only given as the span's parent: the producer's baggage is then current
+        # for the whole attempt, so child spans and a scheduled retry's message carry it on.
+        token = otel_context.attach(extract_context(received.application_properties))
+        try:
+            with self.tracer.start_as_current_span(
+                JOB_SPAN,
+                kind=SpanKind.CONSUMER,
+                attributes={
+                    attr.MESSAGING_SYSTEM: self.config.messaging_system,
+                    attr.MESSAGING_DESTINATION: self.queue.name,
+                    attr.MESSAGING_OPERATION_TYPE: "process",
+                    attr.MESSAGING_OPERATION_NAME: "process",
+                    attr.MESSAGING_MESSAGE_ID: received.message_id,
+                    attr.MESSAGING_DELIVERY_COUNT: received.delivery_count,
+                    attr.QUEUE_WAIT: _queue_wait(received),
+                },
+                record_exception=False,
+                set_status_on_exception=False,
+            ) as span:
+                renewer = asyncio.create_task(self._renew_lock(received))
+                try:
+                    outcome = await self._process(received, span, begun)
+                except asyncio.CancelledError:
+                    span.set_attribute(attr.OUTCOME, "abandoned")
+                    await asyncio.shield(self._settle(self.queue.abandon(received), received))
+                    raise
+                finally:
+                    renewer.cancel()
+                span.set_attribute(attr.OUTCOME, outcome.value)
+                if outcome in (Outcome.FAILED, Outcome.DEAD_LETTERED):
+                    span.set_status(Status(StatusCode.ERROR))
+                self.processed[outcome] += 1
+                return outcome
+        finally:
+            otel_context.detach(token)
 
     async def _process(self, received: ReceivedMessage, span: trace.Span, begun: Begun | None) -> Outcome:
         try:
