@@ -43,7 +43,6 @@ from jobs.telemetry import Outcome
 from jobs.version import package_version
 from worker.consumer import Consumer
 from worker.health import create_meter_provider, tracking_snapshot, worker_id
-from worker.messages import JobMessage
 from worker.producer import Producer, ingest_shard
 from worker.queue import QueueError
 from worker.reconciler import reconcile_dead_letters, reconcile_forever
@@ -254,11 +253,6 @@ async def serve_exporter(
     """Run the exporter app, and the OTLP receiver if asked, on their configured addresses; yield the app's URL."""
     producer = Producer(backends.store, backends.queue, get_tracer())
 
-    async def enqueue(job: Job) -> None:
-        # Its own message id, so duplicate detection cannot drop a manual retry of a job.
-        retry_id = f"{job.id}.manual-{job.updated_at.strftime('%Y%m%dT%H%M%S%f')}"
-        await producer.enqueue(JobMessage(job.id, job.tenant_id, job.shard_id, job.shard_type_id), message_id=retry_id)
-
     async def depth() -> dict[str, int]:
         d = await backends.queue.depth()
         return {"active": d.active, "scheduled": d.scheduled, "dead_letter": d.dead_letter}
@@ -269,7 +263,7 @@ async def serve_exporter(
         registry=registry,
         span_metrics=span_metrics,
         depth_source=depth,
-        enqueue=enqueue,
+        enqueue=producer.resend,
         lease=backends.state_lease,
         worker_health=worker_health,
     )
