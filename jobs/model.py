@@ -366,8 +366,8 @@ class Job:
             raise InvalidJobError(f"malformed job record: {exc}") from exc
 
 
-def truncate_error(message: str) -> str:
-    """Bound an error message so one bad shard cannot bloat its record."""
-    if len(message) <= ERROR_MAX_LENGTH:
+def truncate_error(message: str, limit: int = ERROR_MAX_LENGTH) -> str:
+    """Bound an error message to limit characters, marking a cut with "…", so one bad shard cannot bloat a record."""
+    if len(message) <= limit:
         return message
-    return message[: ERROR_MAX_LENGTH - 1] + "…"
+    return message[: limit - 1] + "…"

@@ -124,6 +124,15 @@ async def dead_lettered_then_redelivered(rig: Rig, msg: JobMessage) -> None:
     await rig.attempt(msg, S.COMPLETED, expect=Begin.DEAD_LETTERED)
 
 
+async def dead_lettered_then_retried_manually(rig: Rig, msg: JobMessage) -> None:
+    await rig.enqueue(msg)
+    await rig.attempt(msg, S.DEAD_LETTERED)
+    # What the API's retry does: back to pending, read the record, send its message (no create).
+    await rig.store.transition(msg.tenant_id, msg.job_id, S.DEAD_LETTERED, S.PENDING, retry_count=0)
+    await rig.producer.resend(await rig.store.get(msg.tenant_id, msg.job_id))
+    await rig.attempt(msg, S.COMPLETED)
+
+
 @dataclass(frozen=True)
 class Path_:
     name: str
@@ -144,6 +153,7 @@ PATHS = [
     Path_("failed attempt, then a retry that completes", failed_then_retried, False, 5, S.COMPLETED),
     Path_("dead-lettered after three attempts", dead_lettered, False, 7, S.DEAD_LETTERED),
     Path_("dead-lettered job delivered again", dead_lettered_then_redelivered, False, 5, S.DEAD_LETTERED),
+    Path_("dead-lettered, then retried through the API", dead_lettered_then_retried_manually, False, 7, S.COMPLETED),
 ]
 
 

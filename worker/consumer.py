@@ -17,7 +17,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from jobs import telemetry as attr
-from jobs.model import JobMetadata, JobStatus
+from jobs.model import JobMetadata, JobStatus, truncate_error
 from jobs.telemetry import JOB_SPAN, Outcome
 from worker.chunking import chunk_text
 from worker.embedders.base import Embedder
@@ -422,7 +422,7 @@ def _queue_wait(received: ReceivedMessage) -> float:
 
 def _description(text: str) -> str:
     """A dead-letter description every queue can store: bounded, and encodable as UTF-8."""
-    bounded = text if len(text) <= DESCRIPTION_MAX else text[: DESCRIPTION_MAX - 1] + "…"
+    bounded = truncate_error(text, DESCRIPTION_MAX)
     return bounded.encode("utf-8", "backslashreplace").decode("utf-8")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from jobs import strict_json
@@ -19,6 +20,18 @@ MAX_DEPTH = 8
 # number is a forged or corrupted message, not a job to retry.
 MAX_ATTEMPT = 10_000
 _FIELDS = ("jobId", "tenantId", "shardId", "shardTypeId")
+
+
+def message_id_for(job_id: str, attempt: int = 0, *, manual_retry_at: datetime | None = None) -> str:
+    """The queue message id of a job's message: the job id for its first send, suffixed for each resend.
+
+    A queue's duplicate detection drops a message whose id it has seen, so every deliberate resend
+    gets an id of its own: the worker's scheduled retry by its attempt number, a manual retry
+    through the API by the time the job was put back to pending.
+    """
+    if manual_retry_at is not None:
+        return f"{job_id}.manual-{manual_retry_at.strftime('%Y%m%dT%H%M%S%f')}"
+    return job_id if attempt == 0 else f"{job_id}.retry-{attempt}"
 
 
 class MalformedMessageError(ValueError):
@@ -51,7 +64,7 @@ class JobMessage:
     @property
     def message_id(self) -> str:
         """Queue message id: the job id, suffixed per retry so duplicate detection keeps retries."""
-        return self.job_id if self.attempt == 0 else f"{self.job_id}.retry-{self.attempt}"
+        return message_id_for(self.job_id, self.attempt)
 
     def retry(self) -> JobMessage:
         """The message for the next attempt."""

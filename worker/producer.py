@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from opentelemetry import trace
@@ -13,7 +14,7 @@ from jobs import telemetry as attr
 from jobs.errors import JobError
 from jobs.model import Job
 from jobs.store import JobStore
-from worker.messages import JobMessage
+from worker.messages import JobMessage, message_id_for
 from worker.queue import Queue
 from worker.shards import Shard, ShardStore
 from worker.tracing import inject_context
@@ -35,24 +36,9 @@ class Producer:
         self.queue = queue
         self.tracer = tracer
 
-    async def enqueue(self, msg: JobMessage, *, message_id: str | None = None) -> None:
-        """Record the job as pending and send its message; a store failure never stops the send.
-
-        message_id overrides the default (the job id) where a queue's duplicate detection must
-        not swallow a deliberate resend, such as a manual retry.
-        """
-        with self.tracer.start_as_current_span(
-            attr.ENQUEUE_SPAN,
-            kind=SpanKind.PRODUCER,
-            attributes={
-                attr.MESSAGING_DESTINATION: self.queue.name,
-                attr.MESSAGING_OPERATION_TYPE: "send",
-                attr.MESSAGING_MESSAGE_ID: message_id or msg.message_id,
-                attr.TENANT: msg.tenant_id,
-                attr.JOB_ID: msg.job_id,
-                attr.SHARD_ID: msg.shard_id,
-            },
-        ) as span:
+    async def enqueue(self, msg: JobMessage) -> None:
+        """Record the job as pending and send its message; a store failure never stops the send."""
+        with self._span(msg, msg.message_id) as span:
             carrier: dict[str, str] = {}
             inject_context(carrier)
             job = Job.new(
@@ -67,9 +53,34 @@ class Producer:
             except JobError as exc:
                 # The worker creates the record itself when none exists.
                 log.warning("could not record pending job %s: %s", msg.job_id, exc)
-            await self.queue.send(
-                msg.to_body(), message_id=message_id or msg.message_id, application_properties=carrier
-            )
+            await self.queue.send(msg.to_body(), message_id=msg.message_id, application_properties=carrier)
+
+    async def resend(self, job: Job) -> None:
+        """Send the message of a job already recorded as pending again (a manual retry): no store call.
+
+        The message gets an id of its own, so a queue's duplicate detection cannot drop it.
+        """
+        msg = JobMessage(job.id, job.tenant_id, job.shard_id, job.shard_type_id)
+        message_id = message_id_for(job.id, manual_retry_at=job.updated_at)
+        with self._span(msg, message_id):
+            carrier: dict[str, str] = {}
+            inject_context(carrier)
+            await self.queue.send(msg.to_body(), message_id=message_id, application_properties=carrier)
+
+    def _span(self, msg: JobMessage, message_id: str) -> AbstractContextManager[trace.Span]:
+        """The producer span of one send, current while it lasts so the message carries its context."""
+        return self.tracer.start_as_current_span(
+            attr.ENQUEUE_SPAN,
+            kind=SpanKind.PRODUCER,
+            attributes={
+                attr.MESSAGING_DESTINATION: self.queue.name,
+                attr.MESSAGING_OPERATION_TYPE: "send",
+                attr.MESSAGING_MESSAGE_ID: message_id,
+                attr.TENANT: msg.tenant_id,
+                attr.JOB_ID: msg.job_id,
+                attr.SHARD_ID: msg.shard_id,
+            },
+        )
 
 
 async def ingest_shard(shards: ShardStore, producer: Producer, shard: Shard) -> bool:

@@ -23,7 +23,7 @@ import logging
 from dataclasses import dataclass
 
 from jobs.errors import JobNotFoundError, TransitionConflictError
-from jobs.model import TERMINAL, JobStatus
+from jobs.model import TERMINAL, JobStatus, truncate_error
 from jobs.store import JobStore
 from worker.consumer import WORKER_REASONS
 from worker.messages import MalformedMessageError, parse_message
@@ -79,7 +79,7 @@ async def reconcile_dead_letters(queue: Queue, store: JobStore, *, from_sequence
             error = f"dead-lettered by the queue: {message.reason}: {message.description}".rstrip(": ")
             try:
                 await store.transition(
-                    msg.tenant_id, msg.job_id, job.status, JobStatus.DEAD_LETTERED, error=error[:2000]
+                    msg.tenant_id, msg.job_id, job.status, JobStatus.DEAD_LETTERED, error=truncate_error(error)
                 )
             except TransitionConflictError:
                 # It moved meanwhile (a worker finished it): the newer record stands.
