@@ -6,9 +6,10 @@ failed. The reconciler peeks the dead-letter sub-queue (never removing anything,
 safe to run repeatedly and from several workers) and moves such jobs to dead_lettered with
 the queue's reason.
 
-A message the worker dead-lettered itself (its reasons are WORKER_REASONS) is left alone:
-the worker recorded its job before dead-lettering it, and the job may have been retried
-and be running again since, which marking it would undo.
+A message the worker dead-lettered itself (its reasons are WORKER_REASONS) marks its job
+only while the job is pending: the worker records the job before dead-lettering the
+message, so a job in processing or failed is one retried since and running again, which
+marking it would undo. (Pending is what is left when the store refused even the begin.)
 
 A dead-lettered message sent before its job last became pending is not the job's current
 message: a manual retry or a new ingest sent another since. Passes start again from the
@@ -57,9 +58,6 @@ async def reconcile_dead_letters(queue: Queue, store: JobStore, *, from_sequence
         for message in page:
             result.scanned += 1
             result.next_sequence_number = max(result.next_sequence_number, message.sequence_number + 1)
-            if message.reason in WORKER_REASONS:
-                result.recorded += 1
-                continue
             try:
                 msg = parse_message(message.body)
             except MalformedMessageError:
@@ -72,6 +70,9 @@ async def reconcile_dead_letters(queue: Queue, store: JobStore, *, from_sequence
                 continue
             if job.status in TERMINAL:
                 result.already_final += 1
+                continue
+            if message.reason in WORKER_REASONS and job.status is not JobStatus.PENDING:
+                result.recorded += 1
                 continue
             if job.status is JobStatus.PENDING and message.enqueued_time < job.updated_at:
                 result.superseded += 1
