@@ -52,14 +52,18 @@ _CLOSERS = frozenset("\"')]}\u201d\u2019\u00bb")
 _PARAGRAPH, _SENTENCE, _WORD = 0, 1, 2
 
 
+def _escaped(chars: frozenset[str]) -> str:
+    return "".join(re.escape(char) for char in sorted(chars))
+
+
 def _one_of(chars: frozenset[str]) -> str:
-    return "[" + "".join(re.escape(char) for char in sorted(chars)) + "]"
+    return f"[{_escaped(chars)}]"
 
 
 # Where to cut a span at each level, as matches over its text: the cut falls at a match's end and
 # the parts between cuts are trimmed, so a cut anywhere in a whitespace run stands for the run.
-# Each pattern starts with a character class, which the search skips to without trying the
-# rest at every position, and no quantifier gives back, which keeps every search linear.
+# A match starts with one of a few characters, which the search skips to without trying the
+# rest of the pattern at every position; no quantifier gives back, which keeps searches linear.
 _CUTS = {
     # Two line breaks of one kind with only whitespace between ("\n\n", "\r\n\r\n", "\r\r"), and
     # the rest of the run, however many blank lines follow.
@@ -67,7 +71,7 @@ _CUTS = {
     # A sentence end, or a sentence end and a closer, before whitespace; an unspaced sentence end
     # before more text; a line break. Each match is one character, so none hides the next.
     _SENTENCE: re.compile(
-        rf"[{_one_of(_SENTENCE_ENDS | _CLOSERS)[1:-1]}\n\r]"
+        rf"[{_escaped(_SENTENCE_ENDS | _CLOSERS)}\n\r]"
         rf"(?:(?<={_one_of(_SENTENCE_ENDS)})(?=\s)"
         rf"|(?<={_one_of(_SENTENCE_ENDS)}{_one_of(_CLOSERS)})(?=\s)"
         rf"|(?<={_one_of(_UNSPACED_SENTENCE_ENDS)})(?=\S)"
@@ -142,7 +146,7 @@ def _tokens(classes: bytes, whitespace: int) -> int:
         classes = _SPACE.join(classes.split())
     # A run of n letters becomes n // 3 A's and n % 3 a's, so its tokens (n / 3 rounded up) are
     # its A's plus one if any a is left; a left-over "aa" is one group, not two. The same for
-    # digits, whose left-over is at most one d.
+    # digits, whose left-over is at most one d. (So this holds for up to 3 characters a token.)
     if _LETTER in classes:
         letters = classes.replace(_LETTER_TOKEN, b"A")
         tokens += letters.count(b"A") + letters.count(_LETTER) - letters.count(_LETTER * 2)
