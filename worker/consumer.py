@@ -190,7 +190,7 @@ class Consumer:
                 record_exception=False,
                 set_status_on_exception=False,
             ) as span:
-                renewer = asyncio.create_task(self._renew_lock(received))
+                renewer = self._keep_locked(received)
                 try:
                     outcome = await self._process(received, span, begun)
                 except asyncio.CancelledError:
@@ -396,11 +396,24 @@ class Consumer:
         except Exception:  # an unsettled message is redelivered when its lock expires; the worker goes on
             log.exception("settling message %s failed unexpectedly", received.message_id)
 
+    def _keep_locked(self, received: ReceivedMessage) -> _Renewal:
+        """Renew the message's lock at half its remaining time, for as long as the job runs.
+
+        A timer, not a task, until the first renewal is due: most jobs finish well within half
+        the lock and never need one.
+        """
+        renewal = _Renewal()
+        remaining = (received.locked_until - datetime.now(UTC)).total_seconds()
+
+        def start() -> None:
+            renewal.task = asyncio.create_task(self._renew_lock(received))
+
+        renewal.timer = asyncio.get_running_loop().call_later(max(remaining / 2, 0.05), start)
+        return renewal
+
     async def _renew_lock(self, received: ReceivedMessage) -> None:
         locked_until = received.locked_until
         while True:
-            remaining = (locked_until - datetime.now(UTC)).total_seconds()
-            await asyncio.sleep(max(remaining / 2, 0.05))
             try:
                 locked_until = await self.queue.renew_lock(received)
             except MessageLockLostError:
@@ -410,6 +423,22 @@ class Consumer:
                 log.warning("renewing lock on message %s failed: %s", received.message_id, exc)
             except Exception:  # keep renewing: losing the lock mid-job would only cause a duplicate
                 log.exception("renewing lock on message %s failed unexpectedly", received.message_id)
+            remaining = (locked_until - datetime.now(UTC)).total_seconds()
+            await asyncio.sleep(max(remaining / 2, 0.05))
+
+
+@dataclass(slots=True)
+class _Renewal:
+    """The timer that starts a message's lock renewal, then the renewing task."""
+
+    timer: asyncio.TimerHandle | None = None
+    task: asyncio.Task[None] | None = None
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.task is not None:
+            self.task.cancel()
 
 
 def _queue_wait(received: ReceivedMessage) -> float:

@@ -182,9 +182,8 @@ class LocalPath:
             return False
         write = TrackedWrite.finish(msg, S.COMPLETED, error=None, retry_count=None, metadata=metadata)
         try:
-            done = await asyncio.wait_for(
-                self.store.database.run(self._complete, received, msg, vectors, metadata, trace_id), self._timeout
-            )
+            async with asyncio.timeout(self._timeout):
+                done = await self.store.database.run(self._complete, received, msg, vectors, metadata, trace_id)
         except (StoreUnavailableError, TimeoutError) as exc:
             log.warning(
                 "merged completion of job %s did not commit (%s); writing it step by step",
