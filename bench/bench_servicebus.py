@@ -1,28 +1,27 @@
-"""Worker jobs/s on Service Bus: batched receive against one message per receive call.
+"""Worker jobs/s on Service Bus, against the worker as it was at BEFORE and with one message per receive.
 
 The worker is the real consume loop (`Consumer.run`) with the real `azure-servicebus` SDK
-talking to the Service Bus test peer (`python -m tests.servicebus_peer`, its own process,
-so its CPU is not the worker's), the hashing embedder, a SQLite job store and shard store
-in one file, the default concurrency (4) and the default tracer (no exporter). Each run
-gets a fresh queue holding JOBS messages and a fresh file with their shards and pending
-jobs; the figure is JOBS over the time from starting the loop to the last job completed
-and its message settled. The subject receives up to the free slots per call (the default);
-the baseline is the same worker with `receive_batch=1`, as the loop was before. Rounds
-are interleaved.
+talking to the Service Bus test peer (`python -m tests.servicebus_peer`, its own process),
+the hashing embedder, a SQLite job store and shard store in one file, the default
+concurrency (4) and the default tracer (no exporter). Each run is a fresh process on a
+fresh queue holding JOBS messages and a fresh file with their shards and pending jobs; the
+figure is JOBS over the time from starting the loop to the last job completed and its
+message settled. Three arms, interleaved: this code (receive up to the free slots per call);
+this code with `receive_batch=1`; and the code at BEFORE (one message per receive call,
+settlements at once on one connection), exported with `git archive` into a temporary
+directory and run on the same bench code.
 
 The job store is SQLite, not the Cosmos test server: the Cosmos server is a Node process
-whose per-request cost would take the second core from the peer and the worker alike, and
-it is the same in both arms, so it only dilutes what this measures (the receive path).
-
-On a checkout whose ConsumerConfig has no `receive_batch` (before batched receive), only
-the baseline runs: that is "before" in absolute terms.
-Run: python -m bench servicebus [--jobs N] [--rounds N]
+whose per-request cost would take CPU from the peer and the worker alike, the same in
+every arm, so it only dilutes what this measures (the queue path).
+Run: python -m bench servicebus [--jobs N] [--rounds N] [--before REV|""]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import os
 import subprocess
@@ -30,20 +29,22 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from azure.servicebus import ServiceBusMessage
 from azure.servicebus.aio import ServiceBusClient
 
-from bench.harness import Figure, interleaved, ratios, report
+from bench.harness import Figure, interleaved, machine_load, ratios, report
 from jobs.model import Job
 from jobs.sqlite_store import SQLiteJobStore
 from jobs.telemetry import Outcome
 from worker.consumer import Consumer, ConsumerConfig
 from worker.embedders.hashing import HashingEmbedder
 from worker.messages import JobMessage
+from worker.queue import ReceivedMessage
 from worker.servicebus_queue import ServiceBusQueue
 from worker.shards import Shard, SQLiteShardStore
 from worker.tracing import create_tracer_provider, get_tracer
@@ -53,6 +54,8 @@ REPO = Path(__file__).resolve().parent.parent
 JOBS = 1000
 ROUNDS = 3
 TARGET = 2.0
+# The worker before batched receive and turn-taking on Service Bus connections.
+BEFORE = "2dd6297"
 TENANTS = 10
 SEND_BATCH = 100
 # About 250 words in three paragraphs: one chunk at the default 512-token budget.
@@ -104,13 +107,26 @@ async def _populate(directory: Path, connection_string: str, queue_name: str, jo
             await sender.send_messages(messages[start : start + SEND_BATCH])
 
 
+class CountingQueue(ServiceBusQueue):
+    """The Service Bus queue, counting receive calls that returned messages."""
+
+    calls = 0
+
+    async def receive(self, max_messages: int = 1, max_wait: float = 1.0) -> Sequence[ReceivedMessage]:
+        """Receive, and count the call if it returned anything."""
+        received = await super().receive(max_messages, max_wait)
+        if received:
+            type(self).calls += 1
+        return received
+
+
 async def _consume(
     directory: Path, connection_string: str, queue_name: str, jobs: int, config: ConsumerConfig
 ) -> float:
     """Seconds for the worker to complete every job in the queue."""
     store = await SQLiteJobStore.open(directory / "jobs.db")
     shards = await SQLiteShardStore.open(directory / "jobs.db")
-    queue = await ServiceBusQueue.from_connection_string(connection_string, queue_name).open()
+    queue = await CountingQueue.from_connection_string(connection_string, queue_name).open()
     provider = create_tracer_provider("bench-servicebus")
     tracker = JobTracker(store)
     consumer = Consumer(
@@ -143,8 +159,8 @@ async def _consume(
     return elapsed
 
 
-def run_once(connection_string: str, jobs: int, receive_batch: int | None) -> float:
-    """One run on a fresh queue and file: jobs per second."""
+def run_once(connection_string: str, jobs: int, receive_batch: int | None) -> tuple[float, int]:
+    """One run on a fresh queue and file: jobs per second, and receive calls that returned messages."""
     config = ConsumerConfig()
     if receive_batch is not None:
         config = dataclasses.replace(config, receive_batch=receive_batch)
@@ -152,64 +168,92 @@ def run_once(connection_string: str, jobs: int, receive_batch: int | None) -> fl
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(_populate(Path(tmp), connection_string, name, jobs))
         seconds = asyncio.run(_consume(Path(tmp), connection_string, name, jobs, config))
-    return jobs / seconds
+    return jobs / seconds, CountingQueue.calls
 
 
-def subject(connection_string: str, jobs: int, receive_batch: int | None, tree: Path = REPO) -> Callable[[], float]:
-    """A run in a fresh process on the code of `tree` (this checkout, or another one for "before")."""
+@dataclass
+class Arm:
+    """One worker setup: the code it runs (a directory) and its receive batch; what each run measured."""
 
-    def run() -> float:
-        command = [sys.executable, str(Path(__file__).resolve()), "--one", connection_string, "--jobs", str(jobs)]
-        if receive_batch is not None:
-            command += ["--receive-batch", str(receive_batch)]
-        # -P-less: the script's own directory is bench/, so the tree's packages come from PYTHONPATH.
-        env = {**os.environ, "PYTHONPATH": str(tree)}
-        done = subprocess.run(command, env=env, cwd=tree, capture_output=True, text=True, timeout=600, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"a run on {tree} failed:\n{done.stderr}")
-        return float(done.stdout.split()[-1])
+    tree: Path
+    receive_batch: int | None = None
+    rates: list[float] = field(default_factory=list)
+    calls: list[int] = field(default_factory=list)
 
-    return run
+    def runner(self, connection_string: str, jobs: int) -> Callable[[], float]:
+        """A subject for `interleaved`: a run in a fresh process on this arm's code, in jobs/s."""
+
+        def run() -> float:
+            command = [sys.executable, str(Path(__file__).resolve()), "--one", connection_string, "--jobs", str(jobs)]
+            if self.receive_batch is not None:
+                command += ["--receive-batch", str(self.receive_batch)]
+            # The script's own directory (bench/) comes first on sys.path; the tree's packages come next.
+            env = {**os.environ, "PYTHONPATH": str(self.tree)}
+            done = subprocess.run(
+                command, env=env, cwd=self.tree, capture_output=True, text=True, timeout=900, check=False
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"a run on {self.tree} failed:\n{done.stderr}")
+            rate, calls = done.stdout.split()[-2:]
+            self.rates.append(float(rate))
+            self.calls.append(int(calls))
+            return float(rate)
+
+        return run
+
+
+@contextmanager
+def exported(rev: str) -> Iterator[Path]:
+    """The repository's tree at rev in a temporary directory (git archive: no worktree, no checkout)."""
+    with tempfile.TemporaryDirectory(prefix="bench-before-") as tmp:
+        archive = subprocess.run(["git", "archive", rev], cwd=REPO, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        yield Path(tmp)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Print worker jobs/s with batched receive against one message per call (and, given, the code before)."""
+    """Print worker jobs/s now, against the code at BEFORE and against one message per receive call."""
     parser = argparse.ArgumentParser(prog="python -m bench servicebus")
     parser.add_argument("--jobs", type=int, default=JOBS)
     parser.add_argument("--rounds", type=int, default=ROUNDS)
-    parser.add_argument(
-        "--before", type=Path, help="a checkout of the code before batched receive (e.g. a git worktree of 2dd6297)"
-    )
+    parser.add_argument("--before", default=BEFORE, help="git revision of the code to compare with; '' for none")
     parser.add_argument("--one", metavar="CONNECTION_STRING", help=argparse.SUPPRESS)
     parser.add_argument("--receive-batch", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args([] if argv is None else argv)
     if args.one:
-        print(run_once(args.one, args.jobs, args.receive_batch), flush=True)
+        rate, calls = run_once(args.one, args.jobs, args.receive_batch)
+        print(rate, calls, flush=True)
         return
-    concurrency = ConsumerConfig().concurrency
-    with peer_process() as connection_string:
-        subjects = [subject(connection_string, args.jobs, None), subject(connection_string, args.jobs, 1)]
-        if args.before is not None:
-            subjects.append(subject(connection_string, args.jobs, None, args.before.resolve()))
-        results = interleaved(args.rounds, *subjects)
-    now, one = results[0], results[1]
-    setup = f"{args.jobs} jobs, concurrency {concurrency}, {args.rounds} rounds"
-    print(f"servicebus worker, one message per receive call: {Figure.of(one).show('jobs/s', digits=1)}", flush=True)
-    if args.before is not None:
-        before = results[2]
-        print(f"servicebus worker, code at {args.before}: {Figure.of(before).show('jobs/s', digits=1)}", flush=True)
-        report(
-            "servicebus worker jobs/s against the code before",
-            f"{Figure.of(now).show('jobs/s', digits=1)}, {ratios(now, before).show('x')}; {setup}",
-            ">= 2x",
-            ratios(now, before).median >= TARGET,
+    setup = f"{args.jobs} jobs, concurrency {ConsumerConfig().concurrency}, {args.rounds} rounds"
+    with contextlib.ExitStack() as stack:
+        arms = [Arm(REPO), Arm(REPO, receive_batch=1)]
+        if args.before:
+            arms.append(Arm(stack.enter_context(exported(args.before))))
+        connection_string = stack.enter_context(peer_process())
+        interleaved(args.rounds, *(arm.runner(connection_string, args.jobs) for arm in arms))
+    now, one = arms[0], arms[1]
+    for label, arm in (("now", now), ("now, receive_batch=1", one), (f"at {args.before}", arms[-1])):
+        if arm is arms[-1] and not args.before:
+            continue
+        per_call = Figure.of([args.jobs / calls for calls in arm.calls])
+        print(
+            f"servicebus worker {label}: {Figure.of(arm.rates).show('jobs/s', digits=1)}, "
+            f"{per_call.show('messages per receive call')}",
+            flush=True,
         )
-    ratio = ratios(now, one)
-    report(
-        "servicebus worker jobs/s, batched receive against one message per call",
-        f"{Figure.of(now).show('jobs/s', digits=1)}, {ratio.show('x')}; {setup}",
-        ">= 2x",
-        ratio.median >= TARGET,
+    if args.before:
+        ratio = ratios(now.rates, arms[-1].rates)
+        report(
+            f"servicebus worker jobs/s against {args.before}",
+            f"{Figure.of(now.rates).show('jobs/s', digits=1)}, {ratio.show('x')}; {setup}",
+            ">= 2x",
+            ratio.median >= TARGET,
+        )
+    ratio = ratios(now.rates, one.rates)
+    print(
+        f"servicebus worker jobs/s, receive up to the free slots against one message per call: "
+        f"{ratio.show('x')}; {setup} | load {machine_load()}",
+        flush=True,
     )
 
 
