@@ -5,11 +5,13 @@ messages is done by the consume loop through `renew_lock`, the same way for ever
 Queue depth comes from the administration client's runtime properties when it can reach
 the namespace.
 
-Prefetch stays 0 (the SDK then keeps one credit on the link). The consume loop asks for
-as many messages as it has free slots (`max_message_count`), so a full queue fills a batch
-in one round trip without prefetch; a prefetched message would wait in the client's buffer
-with its lock running and no renewal (the loop renews only messages it has started), and
-past the lock duration its job would run twice.
+Prefetch stays 0: the SDK then gives the broker credit for what a receive asks for. The
+consume loop asks for as many messages as it has free slots (`max_message_count`), so a full
+queue fills a batch in one round trip without prefetch. A prefetched message would wait in
+the client's buffer with its lock running and no renewal (the loop renews only messages it
+has started), and past the lock duration its job would run twice. Credit left by a receive
+that timed out stays with the broker: up to that many messages can arrive before the next
+receive, which the loop makes at once, since their slots are still free.
 
 Calls on one connection take turns: receive, settle and renew on the receiver's, send and
 schedule on the sender's. The SDK's AMQP connection lets one caller at a time read its
@@ -239,7 +241,8 @@ class ServiceBusQueue:
         _, receiver = self._parts()
         deadline = time.monotonic() + max(max_wait, 0.0)
         while True:
-            turn = min(max(deadline - time.monotonic(), 0.0), RECEIVE_TURN)
+            # The SDK refuses a wait of 0; a millisecond takes what has already arrived.
+            turn = min(max(deadline - time.monotonic(), 0.001), RECEIVE_TURN)
             try:
                 async with self._turn:
                     messages = await receiver.receive_messages(max_message_count=max_messages, max_wait_time=turn)
