@@ -277,3 +277,22 @@ async def test_receiving_fewer_than_one_message_is_refused(servicebus_peer: Serv
             await queue.receive(max_messages=0)
     finally:
         await queue.close()
+
+
+async def test_the_merged_local_path_locks_every_free_slot_in_one_receipt(tmp_path: Path) -> None:
+    # The pipeline's own consumer: queue, job store and shards share one connection, so a
+    # receipt also begins its jobs (worker/local_path.py). One receipt locks its messages in
+    # one transaction, with one locked-until time.
+    async with local_pipeline(tmp_path, config=config()) as p:
+        jobs = await ingest(p, 2 * CONCURRENCY)
+        p.start()
+        await until_in_flight(p, CONCURRENCY)
+        with contextlib.closing(sqlite3.connect(tmp_path / "pipeline.db")) as conn:
+            locks = conn.execute(
+                "SELECT COUNT(*), COUNT(DISTINCT visible_at) FROM queue_messages WHERE lock_token IS NOT NULL"
+            ).fetchone()
+        assert tuple(locks) == (CONCURRENCY, 1)
+        p.embedder.release.set()
+        for job in jobs:
+            await p.wait_for_status("tenant-a", job.id, S.COMPLETED)
+        await p.wait_idle()
