@@ -61,6 +61,15 @@ class ConsumerConfig:
     # When the queue, job store and shard store are one SQLite file: merge a job's writes into
     # fewer transactions (worker/local_path.py). Off only to compare against the separate writes.
     merge_local_writes: bool = True
+    # Most messages asked for in one receive call; None: as many as there are free slots. Never
+    # more than the free slots, so every message received starts at once.
+    receive_batch: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
+        if self.receive_batch is not None and self.receive_batch < 1:
+            raise ValueError(f"receive_batch must be at least 1 or None, got {self.receive_batch}")
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
@@ -110,30 +119,41 @@ class Consumer:
         return len(self._in_flight)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Receive and process until stop is set; then drain within the configured grace period."""
+        """Receive and process until stop is set; then drain within the configured grace period.
+
+        A receive asks for as many messages as there are free slots at that moment (at most
+        receive_batch), so each one received starts at once: none waits in memory while its lock
+        runs down. The loop does not wait for more slots to free up: when receiving is slower than
+        processing, slots free up while it receives and the next batch is larger by itself.
+        """
         slots = asyncio.Semaphore(self.config.concurrency)
+        limit = self.config.receive_batch or self.config.concurrency
         try:
             while not stop.is_set():
                 self._heartbeat.beat()
                 # Waiting for a free slot is bounded too, so a worker whose slots are all busy still beats.
                 if not await _first(slots.acquire(), stop, self.config.receive_wait):
                     continue
+                held = 1 + await _take_free(slots, limit - 1)
                 try:
-                    messages = await self._receive(max_messages=1, max_wait=self.config.receive_wait)
+                    messages = await self._receive(max_messages=held, max_wait=self.config.receive_wait)
                 except QueueError as exc:
-                    slots.release()
+                    _release(slots, held)
                     log.warning("receive failed: %s", exc)
                     await _wait(stop, 1.0)
                     continue
-                if not messages:
-                    slots.release()
-                    continue
-                task = asyncio.create_task(self.handle(messages[0]))
-                self._in_flight.add(task)
-                task.add_done_callback(self._in_flight.discard)
-                task.add_done_callback(lambda _: slots.release())
+                for received in messages:
+                    self._start(received, slots)
+                _release(slots, held - len(messages))
         finally:
             await self._drain()
+
+    def _start(self, received: ReceivedMessage, slots: asyncio.Semaphore) -> None:
+        """Handle the message in a task of its own that gives its slot back when done."""
+        task = asyncio.create_task(self.handle(received))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+        task.add_done_callback(lambda _: slots.release())
 
     async def _drain(self) -> None:
         if not self._in_flight:
@@ -468,6 +488,21 @@ async def _first(acquire: Awaitable[bool], stop: asyncio.Event, within: float) -
     # The cancel can lose the race with a slot being granted: the slot is then held, and used here.
     acquired = acquiring.done() and not acquiring.cancelled() and acquiring.result()
     return acquired and not stop.is_set()
+
+
+async def _take_free(slots: asyncio.Semaphore, most: int) -> int:
+    """Take up to `most` more slots that are free now, never waiting for one; how many were taken."""
+    taken = 0
+    # acquire() on a semaphore that is not locked() returns at once, without suspending.
+    while taken < most and not slots.locked():
+        await slots.acquire()
+        taken += 1
+    return taken
+
+
+def _release(slots: asyncio.Semaphore, count: int) -> None:
+    for _ in range(count):
+        slots.release()
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:

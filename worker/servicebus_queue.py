@@ -1,15 +1,32 @@
 """The Queue protocol on Azure Service Bus (`azure.servicebus.aio`), in peek-lock mode.
 
-One sender and one peek-lock receiver per queue, opened once. Prefetch stays small
-(default 0): prefetched messages' locks run down while they wait in the buffer. Lock
-renewal for in-flight messages is done by the consume loop through `renew_lock`, the same
-way for every queue. Queue depth comes from the administration client's runtime
-properties when it can reach the namespace.
+One sender and one peek-lock receiver per queue, opened once. Lock renewal for in-flight
+messages is done by the consume loop through `renew_lock`, the same way for every queue.
+Queue depth comes from the administration client's runtime properties when it can reach
+the namespace.
+
+Prefetch stays 0: the SDK then gives the broker credit for what a receive asks for. The
+consume loop asks for as many messages as it has free slots (`max_message_count`), so a full
+queue fills a batch in one round trip without prefetch. A prefetched message would wait in
+the client's buffer with its lock running and no renewal (the loop renews only messages it
+has started), and past the lock duration its job would run twice. Credit left by a receive
+that timed out stays with the broker: up to that many messages can arrive before the next
+receive, which the loop makes at once, since their slots are still free.
+
+Calls on one connection take turns: receive, settle and renew on the receiver's, send and
+schedule on the sender's. The SDK's AMQP connection lets one caller at a time read its
+socket, for up to 0.2 s per read: when two callers wait on it, one can take the frame the
+other waits for and leave that one blocked for the whole read timeout. Measured on the test
+peer: three settlements at once took 200 ms instead of 1.5 ms, four sends 200 ms instead
+of 6 ms. A receive that waits for messages holds its turn for at most RECEIVE_TURN seconds
+at a time, so settlements never wait long behind an idle queue.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Self
@@ -34,6 +51,9 @@ from worker.queue import (
 log = logging.getLogger(__name__)
 DEAD_LETTER_REASON = "DeadLetterReason"
 DEAD_LETTER_DESCRIPTION = "DeadLetterErrorDescription"
+# The longest a waiting receive keeps other calls off the receiver's connection: the SDK's
+# socket read timeout, so one turn is about one read.
+RECEIVE_TURN = 0.2
 
 
 def _text(value: Any) -> str:
@@ -102,6 +122,9 @@ class ServiceBusQueue:
         self._sender: ServiceBusSender | None = None
         self._receiver: ServiceBusReceiver | None = None
         self._locked: dict[str, ServiceBusReceivedMessage] = {}
+        # One caller at a time on each link's connection (see the module docstring).
+        self._turn = asyncio.Lock()
+        self._sending = asyncio.Lock()
 
     @classmethod
     def from_connection_string(
@@ -198,21 +221,35 @@ class ServiceBusQueue:
             content_type="application/json",
         )
         try:
-            if scheduled_enqueue_time is not None:
-                [sequence] = await sender.schedule_messages(message, scheduled_enqueue_time.astimezone(UTC))
-                return sequence
-            await sender.send_messages(message)
-            return 0
+            async with self._sending:
+                if scheduled_enqueue_time is not None:
+                    [sequence] = await sender.schedule_messages(message, scheduled_enqueue_time.astimezone(UTC))
+                    return sequence
+                await sender.send_messages(message)
+                return 0
         except ServiceBusError as exc:
             raise QueueUnavailableError(f"sending to {self.name}: {exc}") from exc
 
     async def receive(self, max_messages: int = 1, max_wait: float = 1.0) -> Sequence[ReceivedMessage]:
-        """Receive up to max_messages under peek-lock."""
+        """Lock and return up to max_messages, waiting at most max_wait seconds for the first.
+
+        The SDK asks the broker for max_messages at once (one flow, one round trip), and after
+        the first message arrives it waits up to 0.2 s more for the rest of the batch.
+        """
+        if max_messages < 1:
+            raise ValueError(f"max_messages must be at least 1, got {max_messages}")
         _, receiver = self._parts()
-        try:
-            messages = await receiver.receive_messages(max_message_count=max_messages, max_wait_time=max_wait)
-        except ServiceBusError as exc:
-            raise QueueUnavailableError(f"receiving from {self.name}: {exc}") from exc
+        deadline = time.monotonic() + max(max_wait, 0.0)
+        while True:
+            # The SDK refuses a wait of 0; a millisecond takes what has already arrived.
+            turn = min(max(deadline - time.monotonic(), 0.001), RECEIVE_TURN)
+            try:
+                async with self._turn:
+                    messages = await receiver.receive_messages(max_message_count=max_messages, max_wait_time=turn)
+            except ServiceBusError as exc:
+                raise QueueUnavailableError(f"receiving from {self.name}: {exc}") from exc
+            if messages or time.monotonic() >= deadline:
+                break
         out = []
         for message in messages:
             token = str(message.lock_token)
@@ -244,7 +281,8 @@ class ServiceBusQueue:
         _, receiver = self._parts()
         held = self._held(message)
         try:
-            await getattr(receiver, action)(held, **kwargs)
+            async with self._turn:
+                await getattr(receiver, action)(held, **kwargs)
         except SdkLockLostError as exc:
             raise MessageLockLostError(str(exc)) from exc
         except ServiceBusError as exc:
@@ -269,7 +307,8 @@ class ServiceBusQueue:
         _, receiver = self._parts()
         held = self._held(message)
         try:
-            return await receiver.renew_message_lock(held)
+            async with self._turn:
+                return await receiver.renew_message_lock(held)
         except SdkLockLostError as exc:
             self._locked.pop(message.lock_token, None)
             raise MessageLockLostError(str(exc)) from exc
