@@ -132,9 +132,13 @@ class Consumer:
             while not stop.is_set():
                 self._heartbeat.beat()
                 # Waiting for a free slot is bounded too, so a worker whose slots are all busy still beats.
-                if not await _first(slots.acquire(), stop, self.config.receive_wait):
-                    continue
-                held = 1 + await _take_free(slots, limit - 1)
+                if slots.locked():
+                    if not await _first(slots.acquire(), stop, self.config.receive_wait):
+                        continue
+                    held = 1 + await _take_free(slots, limit - 1)
+                else:
+                    # Slots are free: take them at once, without the bounded wait's two tasks.
+                    held = await _take_free(slots, limit)
                 try:
                     messages = await self._receive(max_messages=held, max_wait=self.config.receive_wait)
                 except QueueError as exc:
