@@ -16,7 +16,9 @@ another, in batches of the embedder's max_batch_size, in a process of its own (s
 start as cold as the worker's), no queue, no store; timed inside that process, around the loop.
 
 Rounds run the three in turn (empty `up`, full `up`, bare loop); the figure is the per-round
-ratio of the pipeline's jobs/s to the bare loop's shards/s. Run: python -m bench pipeline
+ratio of the pipeline's jobs/s to the bare loop's shards/s. Beside it, less sensitive to other
+load on the machine: CPU per job (the `up` processes' user+system time, full less empty, over
+2000) against the bare loop's CPU per shard. Run: python -m bench pipeline
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench.harness import Figure, interleaved, report
+from bench.harness import Figure, interleaved, ratios, report
 from bench.worker_rig import REPO, cli_env, run_cli, sample_shards, write_jsonl
 from embedding_jobs.backends import build_embedder, consumer_config
 from jobs.settings import Settings
@@ -39,15 +41,15 @@ from worker.shards import Shard
 from worker.sources import Rejected, read_shards
 
 SHARDS = 2_000
-ROUNDS = 3
+ROUNDS = 5
 TARGET = 0.6
 
 
-def up_seconds(data_dir: Path, log: Path) -> float:
-    """Wall time of `embedding-jobs up --no-sample --exit-when-idle` on data_dir."""
+def up_seconds(data_dir: Path, log: Path) -> tuple[float, float]:
+    """Wall time and CPU time of `embedding-jobs up --no-sample --exit-when-idle` on data_dir."""
     started = time.perf_counter()
-    run_cli("up", "--no-sample", "--exit-when-idle", "--data-dir", str(data_dir), "--exporter-port", "0", log=log)
-    return time.perf_counter() - started
+    cpu = run_cli("up", "--no-sample", "--exit-when-idle", "--data-dir", str(data_dir), "--exporter-port", "0", log=log)
+    return time.perf_counter() - started, cpu
 
 
 def completed_jobs(data_dir: Path, log: Path) -> int:
@@ -57,32 +59,32 @@ def completed_jobs(data_dir: Path, log: Path) -> int:
     return sum(int(counts.get("completed", 0)) for counts in stats.values())
 
 
-async def bare_loop(shards: Sequence[Shard], settings: Settings) -> float:
-    """Seconds to chunk and embed every shard as the consumer does, with nothing else around it."""
+async def bare_loop(shards: Sequence[Shard], settings: Settings) -> tuple[float, float]:
+    """Wall and CPU seconds to chunk and embed every shard as the consumer does, with nothing else around it."""
     embedder = build_embedder(settings)
     config = consumer_config(settings)
     limit = embedder.max_input_tokens
     budget = min(config.chunk_max_tokens, limit) if limit else config.chunk_max_tokens
     overlap = min(config.chunk_overlap_tokens, budget // 2)
     size = embedder.max_batch_size
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for shard in shards:
         chunks = [c.text for c in chunk_text(shard.text, max_tokens=budget, overlap_tokens=overlap)]
         for i in range(0, len(chunks), size):
             await embedder.embed(chunks[i : i + size])
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     await embedder.close()
-    return elapsed
+    return elapsed, cpu
 
 
 def bare_main(source: Path) -> None:
-    """In the bare loop's own process: read the shards, print the loop's seconds."""
+    """In the bare loop's own process: read the shards, print the loop's wall and CPU seconds."""
     shards = [item for item in read_shards(str(source)) if not isinstance(item, Rejected)]
-    print(asyncio.run(bare_loop(shards, Settings())))
+    print(*asyncio.run(bare_loop(shards, Settings())))
 
 
-def bare_seconds(source: Path) -> float:
-    """The bare loop's seconds over source, in a fresh process."""
+def bare_seconds(source: Path) -> tuple[float, float]:
+    """The bare loop's wall and CPU seconds over source, in a fresh process."""
     done = subprocess.run(
         [sys.executable, "-m", "bench.bench_pipeline", "--bare", str(source)],
         env=cli_env(),
@@ -91,7 +93,8 @@ def bare_seconds(source: Path) -> float:
         text=True,
         check=True,
     )
-    return float(done.stdout.strip())
+    wall, cpu = done.stdout.split()
+    return float(wall), float(cpu)
 
 
 class Rounds:
@@ -101,25 +104,32 @@ class Rounds:
         self.root = root
         self.source = source
         self.round = 0
+        # CPU seconds per run, beside the wall times the subjects return.
+        self.cpu: dict[str, list[float]] = {"empty": [], "full": [], "bare": []}
 
     def empty(self) -> float:
         """`up` with nothing to do: what the work phase is measured net of."""
         self.round += 1
-        return up_seconds(self.root / f"empty-{self.round}", self.root / "empty.log")
+        wall, cpu = up_seconds(self.root / f"empty-{self.round}", self.root / "empty.log")
+        self.cpu["empty"].append(cpu)
+        return wall
 
     def full(self) -> float:
         """`up` over the ingested shards; raises unless every job completed."""
         data_dir = self.root / f"full-{self.round}"
         run_cli("ingest", str(self.source), "--data-dir", str(data_dir), log=self.root / "ingest.log")
-        seconds = up_seconds(data_dir, self.root / "up.log")
+        wall, cpu = up_seconds(data_dir, self.root / "up.log")
+        self.cpu["full"].append(cpu)
         completed = completed_jobs(data_dir, self.root / "stats.log")
         if completed != SHARDS:
             raise RuntimeError(f"expected {SHARDS} completed jobs, the store counts {completed}")
-        return seconds
+        return wall
 
     def bare(self) -> float:
         """The bare loop over the same shards."""
-        return bare_seconds(self.source)
+        wall, cpu = bare_seconds(self.source)
+        self.cpu["bare"].append(cpu)
+        return wall
 
     def subjects(self) -> Sequence[Callable[[], float]]:
         """In the order each round runs them."""
@@ -131,16 +141,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         root = Path(tmp)
         source = write_jsonl(root / "shards.jsonl", sample_shards(SHARDS))
-        empty, full, bare = interleaved(ROUNDS, *Rounds(root, source).subjects())
+        rounds = Rounds(root, source)
+        empty, full, bare = interleaved(ROUNDS, *rounds.subjects())
     work = [f - e for f, e in zip(full, empty, strict=True)]
     pipeline = [SHARDS / w for w in work]
     loop = [SHARDS / b for b in bare]
     ratio = Figure.of([p / b for p, b in zip(pipeline, loop, strict=True)])
+    cpu = rounds.cpu
+    job_cpu = [(f - e) / SHARDS for f, e in zip(cpu["full"], cpu["empty"], strict=True)]
+    shard_cpu = [b / SHARDS for b in cpu["bare"]]
     report(
         f"`up --exit-when-idle` on {SHARDS} shards against the bare embed loop",
         f"{ratio.show('x')}; pipeline {Figure.of(pipeline).show('jobs/s', digits=0)}, bare loop "
         f"{Figure.of(loop).show('shards/s', digits=0)}; `up` {Figure.of(full).show('s', digits=1)} less "
-        f"{Figure.of(empty).show('s', digits=1)} idle ({ROUNDS} rounds)",
+        f"{Figure.of(empty).show('s', digits=1)} idle; CPU per job {Figure.of(job_cpu).show('ms', 1e3)}, "
+        f"per bare shard {Figure.of(shard_cpu).show('ms', 1e3)}, ratio "
+        f"{ratios(shard_cpu, job_cpu).show('x')} ({ROUNDS} rounds)",
         f">= {TARGET}x",
         ratio.median >= TARGET,
     )

@@ -11,8 +11,9 @@ Each run starts from a copy of one seeded data directory (2000 shards, their pen
 records and messages, over 10 tenants), so both sides find the same file. A run's time goes
 from starting the consume loop to the last job's outcome; the subject's records are then
 checked (every job completed in the store's counters). Interleaved rounds after a short
-warm-up; the figure is throughput with tracking over throughput without, per round.
-Run: python -m bench tracking
+warm-up; the figure is throughput with tracking over throughput without, per round. Beside it,
+less sensitive to other load on the machine: the process's CPU time per job (all threads) without
+tracking over with it. Run: python -m bench tracking
 """
 
 from __future__ import annotations
@@ -163,8 +164,11 @@ async def seed(data_dir: Path, shards: Sequence[Shard]) -> None:
     provider.shutdown()
 
 
-async def work(data_dir: Path, jobs: int, *, tracked: bool) -> float:
-    """Seconds for the consume loop to finish `jobs` queued jobs, tracking to the real store or to NullJobStore."""
+async def work(data_dir: Path, jobs: int, *, tracked: bool) -> tuple[float, float]:
+    """Wall and CPU seconds (the whole process) for the consume loop to finish `jobs` queued jobs.
+
+    tracked: the tracker writes to the real store, else to NullJobStore.
+    """
     settings = settings_for(data_dir)
     provider = create_tracer_provider("bench-worker")
     async with open_backends(settings, for_worker=True) as backends:
@@ -180,12 +184,12 @@ async def work(data_dir: Path, jobs: int, *, tracked: bool) -> float:
         )
         stop = asyncio.Event()
         async with tracker.running():
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             run = asyncio.create_task(consumer.run(stop))
             # The consumer only counts outcomes; polling them every 5 ms costs both sides alike.
             while sum(consumer.processed.values()) < jobs and not run.done():  # noqa: ASYNC110
                 await asyncio.sleep(0.005)
-            elapsed = time.perf_counter() - started
+            elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
             stop.set()
             await run
         if consumer.processed[Outcome.COMPLETED] != jobs:
@@ -195,19 +199,20 @@ async def work(data_dir: Path, jobs: int, *, tracked: bool) -> float:
             if completed != jobs:
                 raise RuntimeError(f"expected {jobs} completed job records, the store counts {completed}")
     provider.shutdown()
-    return elapsed
+    return elapsed, cpu
 
 
-def throughput(template: Path, scratch: Path, jobs: int, *, tracked: bool) -> Callable[[], float]:
-    """A subject: jobs/s of one run on a fresh copy of the seeded data directory."""
+def throughput(template: Path, scratch: Path, jobs: int, cpu: list[float], *, tracked: bool) -> Callable[[], float]:
+    """A subject: jobs/s of one run on a fresh copy of the seeded data directory; its CPU per job goes to cpu."""
 
     def subject() -> float:
         data_dir = scratch / "run"
         shutil.rmtree(data_dir, ignore_errors=True)
         shutil.copytree(template, data_dir)
         gc.collect()
-        seconds = asyncio.run(work(data_dir, jobs, tracked=tracked))
+        seconds, used = asyncio.run(work(data_dir, jobs, tracked=tracked))
         shutil.rmtree(data_dir)
+        cpu.append(used / jobs)
         return jobs / seconds
 
     return subject
@@ -223,16 +228,24 @@ def main() -> None:
         asyncio.run(seed(warm, shards[:WARM_UP_JOBS]))
         # One short run of each first: imports, caches and the allocator settle before timing.
         interleaved(
-            1, throughput(warm, root, WARM_UP_JOBS, tracked=True), throughput(warm, root, WARM_UP_JOBS, tracked=False)
+            1,
+            throughput(warm, root, WARM_UP_JOBS, [], tracked=True),
+            throughput(warm, root, WARM_UP_JOBS, [], tracked=False),
         )
+        on_cpu: list[float] = []
+        off_cpu: list[float] = []
         on, off = interleaved(
-            ROUNDS, throughput(template, root, JOBS, tracked=True), throughput(template, root, JOBS, tracked=False)
+            ROUNDS,
+            throughput(template, root, JOBS, on_cpu, tracked=True),
+            throughput(template, root, JOBS, off_cpu, tracked=False),
         )
     ratio = ratios(on, off)
     report(
         f"tracking on/off throughput, {JOBS} jobs, {EMBED_SECONDS * 1000:.0f} ms embedder, concurrency {CONCURRENCY}",
-        f"{ratio.show('x')}; on {Figure.of(on).show('jobs/s', digits=0)}, off {Figure.of(off).show('jobs/s', digits=0)}"
-        f" ({ROUNDS} rounds)",
+        f"{ratio.show('x')}; on {Figure.of(on).show('jobs/s', digits=0)},"
+        f" off {Figure.of(off).show('jobs/s', digits=0)}; CPU per job on {Figure.of(on_cpu).show('ms', 1e3)},"
+        f" off {Figure.of(off_cpu).show('ms', 1e3)},"
+        f" off/on {ratios(off_cpu, on_cpu).show('x')} ({ROUNDS} rounds)",
         f">= {TARGET}",
         ratio.median >= TARGET,
     )

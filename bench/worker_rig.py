@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -56,8 +57,13 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, log: Path) -> None:
-    """Run `embedding-jobs ARGS` to the end, output to log; RuntimeError with the log's tail on failure."""
+def run_cli(*args: str, log: Path) -> float:
+    """Run `embedding-jobs ARGS` to the end, output to log; the CPU seconds it used (all its threads).
+
+    RuntimeError with the log's tail if it fails. The CPU figure is the growth of this process's
+    children's usage, so it holds only while no other child of this process ends meanwhile.
+    """
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with log.open("wb") as out:
         done = subprocess.run(
             [sys.executable, "-m", "embedding_jobs", *args], env=cli_env(), cwd=REPO, stdout=out, stderr=out
@@ -65,3 +71,5 @@ def run_cli(*args: str, log: Path) -> None:
     if done.returncode != 0:
         tail = log.read_text(errors="replace")[-2000:]
         raise RuntimeError(f"embedding-jobs {' '.join(args)} exited with {done.returncode}:\n{tail}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
