@@ -332,11 +332,7 @@ def _not_retryable(job_id: str, status: str) -> _Reject:
 async def _retry(app: web.Application, enqueue: Enqueue, job: Job) -> web.Response:
     settings = app[SETTINGS]
     # The error stays on the record so the reason of the last failure remains visible.
-    write = _background(
-        app,
-        app[STORE].transition(job.tenant_id, job.id, job.status, S.PENDING, retry_count=0),
-        f"retry write of job {job.id} in tenant {job.tenant_id}",
-    )
+    write = _background(app, _reopen(app[STORE], job), f"retry write of job {job.id} in tenant {job.tenant_id}")
     try:
         pending = await _result_within(write, settings.store_timeout)
     except TimeoutError:
@@ -352,6 +348,17 @@ async def _retry(app: web.Application, enqueue: Enqueue, job: Job) -> web.Respon
     except JobNotFoundError as exc:
         raise _not_found(exc) from exc
     return await _send(app, enqueue, pending, wait=settings.store_timeout)
+
+
+async def _reopen(store: JobStore, job: Job) -> Job:
+    """Put a failed or dead-lettered job back to pending; the record as stored then."""
+    await store.transition(job.tenant_id, job.id, job.status, S.PENDING, retry_count=0)
+    try:
+        return await store.get(job.tenant_id, job.id)
+    except JobError:
+        # The write landed, so the message must go out whatever this read does: send it for the
+        # record as written (the store stamped updatedAt a moment earlier).
+        return job.with_changes(status=S.PENDING, retry_count=0, completed_at=None, updated_at=utcnow())
 
 
 async def _send_once_written(app: web.Application, enqueue: Enqueue, write: asyncio.Task[Job]) -> None:
@@ -409,7 +416,7 @@ async def _park(app: web.Application, pending: Job, reason: str, *, wait: float 
     raise _Reject(503, "enqueue_failed", f"{reason}; the job is dead_lettered again")
 
 
-async def _report_park(pending: Job, park: asyncio.Task[Job]) -> None:
+async def _report_park(pending: Job, park: asyncio.Task[None]) -> None:
     """Log how a parking write the request stopped waiting for ended."""
     try:
         await park

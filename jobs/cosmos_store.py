@@ -252,7 +252,7 @@ class CosmosJobStore:
         retry_count: int | None = None,
         metadata: JobMetadata | None = None,
         trace_id: str | None = None,
-    ) -> Job:
+    ) -> None:
         """Patch the job, conditioned on from_status, and move its count, in one batch; read only on failure."""
         _require_job_id(tenant_id, job_id)
         check_transition(from_status, to_status)
@@ -285,7 +285,7 @@ class CosmosJobStore:
             operations.append(("patch", (COUNTERS_ID, _incr({expected: -1, target: 1}))))
         for _ in range(_ATTEMPTS):
             try:
-                results = await self._batch(tenant_id, operations, f"transition job {job_id}")
+                await self._batch(tenant_id, operations, f"transition job {job_id}")
             except CosmosBatchOperationError as exc:
                 failed = _failed(exc)
                 if failed == (0, 404):
@@ -299,8 +299,7 @@ class CosmosJobStore:
                     await self._restore_counters(tenant_id)
                     continue
                 raise
-            body = results[0].get("resourceBody")
-            return Job.from_json(body) if body else await self.get(tenant_id, job_id)
+            return
         raise TransitionConflictError(job_id, expected.value, expected.value)
 
     async def _restore_counters(self, tenant_id: str) -> None:

@@ -125,6 +125,11 @@ class SQLiteJobStore:
         self._db = db
         self._run = db.run
 
+    @property
+    def database(self) -> SQLiteDatabase:
+        """The connection this store runs on (shared by everything that opened the same file)."""
+        return self._db
+
     @classmethod
     async def open(cls, path: str | Path) -> Self:
         """Open (creating if needed) the store at path."""
@@ -151,10 +156,11 @@ class SQLiteJobStore:
 
     async def create(self, job: Job) -> Job:
         """Insert job; if the tenant already has a job with that id, return the stored one."""
-        return await self._run(self._create, job)
+        return await self._run(self.create_in, job)
 
     @staticmethod
-    def _create(conn: sqlite3.Connection, job: Job) -> Job:
+    def create_in(conn: sqlite3.Connection, job: Job) -> Job:
+        """create() on the caller's connection thread, joining the caller's transaction if one is open."""
         with transaction(conn):
             record = job.to_json()
             cursor = conn.execute(
@@ -191,9 +197,38 @@ class SQLiteJobStore:
         retry_count: int | None = None,
         metadata: JobMetadata | None = None,
         trace_id: str | None = None,
-    ) -> Job:
+    ) -> None:
         """Conditionally move a job between statuses, updating its tenant's counters in one transaction."""
         validate_tenant_id(tenant_id)
+        check_transition(from_status, to_status)
+        await self._run(
+            self.transition_in,
+            tenant_id,
+            job_id,
+            from_status,
+            to_status,
+            error,
+            retry_count,
+            metadata,
+            trace_id,
+        )
+
+    @staticmethod
+    def transition_in(
+        conn: sqlite3.Connection,
+        tenant_id: str,
+        job_id: str,
+        from_status: JobStatus,
+        to_status: JobStatus,
+        error: str | _Unset | None = UNSET,
+        retry_count: int | None = None,
+        metadata: JobMetadata | None = None,
+        trace_id: str | None = None,
+    ) -> None:
+        """transition() on the caller's connection thread, joining the caller's transaction if one is open.
+
+        For units of work that write a job together with other tables of the same file.
+        """
         check_transition(from_status, to_status)
         now = format_time(utcnow())
         sets = ["status = ?", "updated_at = ?"]
@@ -221,21 +256,17 @@ class SQLiteJobStore:
             "RETURNING 1"
         )
         params += [tenant_id, job_id, from_status.value]
-
-        def apply(conn: sqlite3.Connection) -> Job:
-            with transaction(conn):
-                row = conn.execute(sql, params).fetchone()
-                if row is None:
-                    current = _get(conn, tenant_id, job_id)
-                    raise TransitionConflictError(job_id, from_status.value, current.status.value)
-                if from_status is not to_status:
-                    _bump(conn, tenant_id, from_status.value, -1)
-                    _bump(conn, tenant_id, to_status.value, 1)
-                # Read back, not RETURNING: there SQLite 3.40 tests IS NULL on a column against
-                # its value before the update, so a cleared completedAt would come back as null.
-                return _get(conn, tenant_id, job_id)
-
-        return await self._run(apply)
+        with transaction(conn):
+            if conn.execute(sql, params).fetchone() is None:
+                current = conn.execute(
+                    "SELECT status FROM jobs WHERE tenant_id = ? AND id = ?", (tenant_id, job_id)
+                ).fetchone()
+                if current is None:
+                    raise JobNotFoundError(tenant_id, job_id)
+                raise TransitionConflictError(job_id, from_status.value, current["status"])
+            if from_status is not to_status:
+                _bump(conn, tenant_id, from_status.value, -1)
+                _bump(conn, tenant_id, to_status.value, 1)
 
     async def purge(self, older_than: timedelta, tenant_id: str | None = None) -> int:
         """Delete finished jobs whose completion is older than older_than; counters follow."""

@@ -137,11 +137,13 @@ class JobStore(Protocol):
         retry_count: int | None = None,
         metadata: JobMetadata | None = None,
         trace_id: str | None = None,
-    ) -> Job:
+    ) -> None:
         """Move a job from from_status to to_status and update its tenant's counters atomically.
 
         IllegalTransitionError if the table forbids it, JobNotFoundError if there is no such
-        job, TransitionConflictError if the job is no longer in from_status.
+        job, TransitionConflictError if the job is no longer in from_status. Nothing is read
+        back: the worker, which makes nearly every transition, never needs the record; a caller
+        that does reads it with get().
         """
         ...
 

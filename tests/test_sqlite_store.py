@@ -8,6 +8,8 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,6 +19,7 @@ import pytest
 from jobs import sqlite_store
 from jobs.errors import StoreUnavailableError
 from jobs.model import Job, JobMetadata, JobStatus
+from jobs.sqlite_db import BUSY_TIMEOUT_MS, HELD_BUSY_TIMEOUT_MS, SQLiteDatabase
 from jobs.sqlite_store import SQLiteJobStore, stuck_query
 from jobs.store import empty_stats
 
@@ -165,8 +168,53 @@ async def test_a_reopened_job_has_no_completed_at_in_its_record(tmp_path: Path) 
     async with await SQLiteJobStore.open(tmp_path / "jobs.db") as store:
         await store.create(Job.new(job_id="j", tenant_id="t", shard_id="s", shard_type_id="d"))
         await store.transition("t", "j", JobStatus.PENDING, JobStatus.DEAD_LETTERED, error="gave up")
-        reopened = await store.transition("t", "j", JobStatus.DEAD_LETTERED, JobStatus.PENDING)
-        for job in (reopened, await store.get("t", "j")):
-            record = json.loads(job.to_json_text())
-            assert "completedAt" not in record
-            assert record["error"] == "gave up"
+        await store.transition("t", "j", JobStatus.DEAD_LETTERED, JobStatus.PENDING)
+        record = json.loads((await store.get("t", "j")).to_json_text())
+        assert "completedAt" not in record
+        assert record["error"] == "gave up"
+
+
+async def test_everything_on_one_file_shares_one_connection_and_thread(tmp_path: Path) -> None:
+    db = tmp_path / "local.db"
+    first = await SQLiteDatabase.open(db, "CREATE TABLE IF NOT EXISTS a (x)")
+    second = await SQLiteDatabase.open(tmp_path / "." / "local.db", "CREATE TABLE IF NOT EXISTS b (x)")
+    other = await SQLiteDatabase.open(tmp_path / "other.db", "")
+    try:
+        assert first.shares_connection_with(second)
+        assert not first.shares_connection_with(other)
+        threads = {await handle.run(lambda conn: threading.get_ident()) for handle in (first, second)}
+        assert len(threads) == 1
+        # Both schemas were applied on the one connection, and the connection outlives one handle.
+        await first.close()
+        tables = await second.run(lambda conn: {r[0] for r in conn.execute("SELECT name FROM sqlite_master")})
+        assert {"a", "b"} <= tables
+    finally:
+        for handle in (first, second, other):
+            await handle.close()
+    with pytest.raises(StoreUnavailableError):
+        await second.run(lambda conn: None)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+async def test_once_the_file_is_held_past_the_busy_timeout_queued_writes_fail_fast(tmp_path: Path) -> None:
+    db = tmp_path / "jobs.db"
+    async with await SQLiteJobStore.open(db) as store:
+        jobs = [Job.new(job_id=f"j{n}", tenant_id="t", shard_id="s", shard_type_id="d") for n in range(6)]
+        lock = sqlite3.connect(db, isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")
+        try:
+            started = time.monotonic()
+            results = await asyncio.gather(*(store.create(job) for job in jobs), return_exceptions=True)
+            elapsed = time.monotonic() - started
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        assert all(isinstance(r, StoreUnavailableError) for r in results), results
+        # The first waited out the busy timeout; the five queued behind it did not each wait as long.
+        busy = BUSY_TIMEOUT_MS / 1000
+        assert busy <= elapsed < busy + 5 * HELD_BUSY_TIMEOUT_MS / 1000 + 2, elapsed
+        # Once a write gets through, writes wait the full busy timeout again.
+        await store.create(jobs[0])
+        timeout = await store.database.run(lambda conn: conn.execute("PRAGMA busy_timeout").fetchone()[0])
+        assert timeout == BUSY_TIMEOUT_MS

@@ -22,6 +22,7 @@ from worker.chunking import chunk_text
 from worker.embedders.base import Embedder
 from worker.errors import PermanentError, RetryableError
 from worker.heartbeat import Heartbeat
+from worker.local_path import LocalPath
 from worker.messages import MAX_ATTEMPT, JobMessage, MalformedMessageError, parse_message, trace_carrier
 from worker.queue import MessageLockLostError, Queue, QueueError, ReceivedMessage
 from worker.shards import ShardNotFoundError, ShardStore, ShardVectors
@@ -54,6 +55,9 @@ class ConsumerConfig:
     receive_wait: float = 1.0
     # Touched on every turn of the loop, for a liveness probe (worker/heartbeat.py); None: no heartbeat.
     heartbeat_file: Path | None = None
+    # When the queue, job store and shard store are one SQLite file: merge a job's writes into
+    # fewer transactions (worker/local_path.py). Off only to compare against the separate writes.
+    merge_local_writes: bool = True
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
@@ -87,6 +91,8 @@ class Consumer:
         self._in_flight: set[asyncio.Task[Outcome]] = set()
         self._heartbeat = Heartbeat(config.heartbeat_file)
         self.processed: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
+        self._local = LocalPath.of(queue, shards, tracker) if config.merge_local_writes else None
+        self._receive = self._local.receive if self._local is not None else queue.receive
 
     @property
     def chunk_budget(self) -> int:
@@ -109,7 +115,7 @@ class Consumer:
                 if not await _first(slots.acquire(), stop, self.config.receive_wait):
                     continue
                 try:
-                    messages = await self.queue.receive(max_messages=1, max_wait=self.config.receive_wait)
+                    messages = await self._receive(max_messages=1, max_wait=self.config.receive_wait)
                 except QueueError as exc:
                     slots.release()
                     log.warning("receive failed: %s", exc)
@@ -160,6 +166,7 @@ class Consumer:
             return Outcome.FAILED
 
     async def _handle(self, received: ReceivedMessage) -> Outcome:
+        begun = self._local.take(received) if self._local is not None else None
         context = extract_context(trace_carrier(received.application_properties))
         with self.tracer.start_as_current_span(
             JOB_SPAN,
@@ -179,7 +186,7 @@ class Consumer:
         ) as span:
             renewer = asyncio.create_task(self._renew_lock(received))
             try:
-                outcome = await self._process(received, span)
+                outcome = await self._process(received, span, begun)
             except asyncio.CancelledError:
                 span.set_attribute(attr.OUTCOME, "abandoned")
                 await asyncio.shield(self._settle(self.queue.abandon(received), received))
@@ -192,7 +199,7 @@ class Consumer:
             self.processed[outcome] += 1
             return outcome
 
-    async def _process(self, received: ReceivedMessage, span: trace.Span) -> Outcome:
+    async def _process(self, received: ReceivedMessage, span: trace.Span, begun: Begin | None) -> Outcome:
         try:
             if received.body_error is not None:
                 raise MalformedMessageError(received.body_error)
@@ -217,7 +224,7 @@ class Consumer:
         )
         extra = {"tenant_id": msg.tenant_id, "job_id": msg.job_id, "attempt": msg.attempt}
         try:
-            return await self._attempt(received, msg, span, extra)
+            return await self._attempt(received, msg, span, extra, begun)
         except Exception as exc:  # an unforeseen error (a bug, a store refusing a value) is a failed attempt
             log.error("unexpected error in the attempt: %r", exc, exc_info=True, extra=extra)
             span.record_exception(exc)
@@ -225,12 +232,19 @@ class Consumer:
             return await self._fail(received, msg, exc, extra)
 
     async def _attempt(
-        self, received: ReceivedMessage, msg: JobMessage, span: trace.Span, extra: dict[str, object]
+        self,
+        received: ReceivedMessage,
+        msg: JobMessage,
+        span: trace.Span,
+        extra: dict[str, object],
+        begun: Begin | None,
     ) -> Outcome:
         trace_id = format(span.get_span_context().trace_id, "032x")
         started = time.perf_counter()
-        with self.tracer.start_as_current_span("embedding.store.begin"):
-            begin = await asyncio.shield(self.tracker.begin(msg, trace_id))
+        begin = begun
+        if begin is None:
+            with self.tracer.start_as_current_span("embedding.store.begin"):
+                begin = await asyncio.shield(self.tracker.begin(msg, trace_id))
         if begin is Begin.SKIP:
             log.info("job already completed; completing duplicate delivery", extra=extra)
             await self._settle(self.queue.complete(received), received)
@@ -257,6 +271,20 @@ class Consumer:
             processing_time_ms=round((time.perf_counter() - started) * 1000, 3),
         )
         span.set_attributes({attr.VECTOR_COUNT: len(vectors.vectors), attr.CHUNK_COUNT: len(vectors.chunks)})
+        if self._local is not None:
+            with self.tracer.start_as_current_span("embedding.store.complete"):
+                # Shielded: a shutdown must not lose the record of work already done.
+                merged = self._local.complete(received, msg, vectors, metadata, trace_id)
+                if await asyncio.shield(merged):
+                    log.info("job completed: %d vectors", len(vectors.vectors), extra=extra)
+                    return Outcome.COMPLETED
+        try:
+            with self.tracer.start_as_current_span("embedding.save_vectors"):
+                await self.shards.save_vectors(msg.tenant_id, msg.shard_id, vectors)
+        except Exception as exc:  # as for the embedding: a failed attempt, retried unless permanent
+            span.record_exception(exc)
+            span.set_attribute(attr.ERROR_TYPE, type(exc).__name__)
+            return await self._fail(received, msg, exc, extra)
         with self.tracer.start_as_current_span("embedding.store.complete"):
             # Shielded: a shutdown must not lose the record of work already done.
             await asyncio.shield(self.tracker.finish(msg, JobStatus.COMPLETED, metadata=metadata, error=None))
@@ -289,12 +317,7 @@ class Consumer:
             span.set_attribute(attr.CHUNK_COUNT, len(chunks))
         if len(vectors) != len(chunks):
             raise RetryableError(f"embedder returned {len(vectors)} vectors for {len(chunks)} chunks")
-        result = ShardVectors(
-            model=self.embedder.model, content_hash=shard.content_hash, chunks=chunks, vectors=vectors
-        )
-        with self.tracer.start_as_current_span("embedding.save_vectors"):
-            await self.shards.save_vectors(msg.tenant_id, msg.shard_id, result)
-        return result
+        return ShardVectors(model=self.embedder.model, content_hash=shard.content_hash, chunks=chunks, vectors=vectors)
 
     async def _fail(
         self, received: ReceivedMessage, msg: JobMessage, exc: BaseException, extra: dict[str, object]

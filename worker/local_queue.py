@@ -62,6 +62,10 @@ def _timestamp(moment: datetime) -> float:
     return moment.timestamp()
 
 
+def _nothing(conn: sqlite3.Connection, messages: list[ReceivedMessage]) -> list[None]:
+    return [None] * len(messages)
+
+
 def _utc(timestamp: float) -> datetime:
     return datetime.fromtimestamp(timestamp, UTC)
 
@@ -100,6 +104,11 @@ class LocalQueue:
             except StoreUnavailableError as exc:
                 raise QueueUnavailableError(f"cannot open local queue {self.name!r}: {exc}") from exc
         return self
+
+    @property
+    def database(self) -> SQLiteDatabase | None:
+        """The connection the queue runs on once open (shared by everything that opened the same file)."""
+        return self._db
 
     async def close(self) -> None:
         """Close the connection; calls already under way finish first."""
@@ -155,14 +164,33 @@ class LocalQueue:
 
     async def receive(self, max_messages: int = 1, max_wait: float = 1.0) -> Sequence[ReceivedMessage]:
         """Lock and return up to max_messages, waiting at most max_wait seconds for the first."""
+        return [message for message, _ in await self.receive_with(_nothing, max_messages, max_wait)]
+
+    async def receive_with(
+        self,
+        also: Callable[[sqlite3.Connection, list[ReceivedMessage]], Sequence[T]],
+        max_messages: int = 1,
+        max_wait: float = 1.0,
+    ) -> list[tuple[ReceivedMessage, T]]:
+        """receive(), running also(connection, messages) in the transaction that locks them.
+
+        For writes that belong with the receipt in the same file (a job's begin): they commit
+        with the locks or not at all. also returns one result per message, paired with it.
+        """
         if max_messages < 1:
             raise ValueError(f"max_messages must be at least 1, got {max_messages}")
         deadline = time.monotonic() + max(max_wait, 0.0)
         backoff = 0.01
+
+        def lock(conn: sqlite3.Connection) -> list[tuple[ReceivedMessage, T]]:
+            with transaction(conn):
+                received = self._lock_visible(conn, max_messages)
+                return list(zip(received, also(conn, received), strict=True)) if received else []
+
         while True:
             # Cancelled mid-call, the locks taken still stand and lapse after lock_duration,
             # the same outcome as a Service Bus receiver that dies holding messages.
-            received = await self._run(lambda conn: self._lock_visible(conn, max_messages))
+            received = await self._run(lock)
             remaining = deadline - time.monotonic()
             if received or remaining <= 0:
                 return received
@@ -221,27 +249,30 @@ class LocalQueue:
         )
 
     async def _settle(self, message: ReceivedMessage, action: Callable[[sqlite3.Connection], T]) -> T:
-        def settle(conn: sqlite3.Connection) -> T:
-            with transaction(conn):
-                held = conn.execute(
-                    _HELD, (self.name, message.sequence_number, message.lock_token, time.time())
-                ).fetchone()
-                if held is None:
-                    raise MessageLockLostError(
-                        f"lock on message {message.message_id!r} (sequence {message.sequence_number})"
-                        f" in queue {self.name!r} expired or the message was settled already"
-                    )
-                return action(conn)
+        return await self._run(lambda conn: self._settle_in(conn, message, action))
 
-        return await self._run(settle)
+    def _settle_in(
+        self, conn: sqlite3.Connection, message: ReceivedMessage, action: Callable[[sqlite3.Connection], T]
+    ) -> T:
+        with transaction(conn):
+            held = conn.execute(_HELD, (self.name, message.sequence_number, message.lock_token, time.time())).fetchone()
+            if held is None:
+                raise MessageLockLostError(
+                    f"lock on message {message.message_id!r} (sequence {message.sequence_number})"
+                    f" in queue {self.name!r} expired or the message was settled already"
+                )
+            return action(conn)
 
     async def complete(self, message: ReceivedMessage) -> None:
         """Remove the message for good. MessageLockLostError if its lock is gone."""
-        await self._settle(
+        await self._run(lambda conn: self.complete_in(conn, message))
+
+    def complete_in(self, conn: sqlite3.Connection, message: ReceivedMessage) -> None:
+        """complete() on the caller's connection thread, joining the caller's transaction if one is open."""
+        self._settle_in(
+            conn,
             message,
-            lambda conn: conn.execute(
-                "DELETE FROM queue_messages WHERE sequence_number = ?", (message.sequence_number,)
-            ),
+            lambda c: c.execute("DELETE FROM queue_messages WHERE sequence_number = ?", (message.sequence_number,)),
         )
 
     async def abandon(self, message: ReceivedMessage) -> None:

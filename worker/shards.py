@@ -118,6 +118,11 @@ class SQLiteShardStore:
     def __init__(self, db: SQLiteDatabase) -> None:
         self._db = db
 
+    @property
+    def database(self) -> SQLiteDatabase:
+        """The connection this store runs on (shared by everything that opened the same file)."""
+        return self._db
+
     @classmethod
     async def open(cls, path: str | Path) -> Self:
         """Open (creating if needed) the shard tables in the file at path."""
@@ -171,29 +176,22 @@ class SQLiteShardStore:
 
     async def save_vectors(self, tenant_id: str, shard_id: str, vectors: ShardVectors) -> None:
         """Replace the shard's chunk vectors in one transaction."""
+        await self._db.run(self.save_vectors_in, tenant_id, shard_id, vectors)
+
+    @staticmethod
+    def save_vectors_in(conn: sqlite3.Connection, tenant_id: str, shard_id: str, vectors: ShardVectors) -> None:
+        """save_vectors() on the caller's connection thread, joining the caller's transaction if one is open."""
         rows = [
-            (
-                tenant_id,
-                shard_id,
-                i,
-                chunk,
-                array("f", vector).tobytes(),
-                vectors.model,
-                vectors.content_hash,
-            )
+            (tenant_id, shard_id, i, chunk, array("f", vector).tobytes(), vectors.model, vectors.content_hash)
             for i, (chunk, vector) in enumerate(zip(vectors.chunks, vectors.vectors, strict=True))
         ]
-
-        def apply(conn: sqlite3.Connection) -> None:
-            with transaction(conn):
-                conn.execute("DELETE FROM shard_vectors WHERE tenant_id = ? AND shard_id = ?", (tenant_id, shard_id))
-                conn.executemany(
-                    "INSERT INTO shard_vectors (tenant_id, shard_id, chunk_index, chunk, vector, model, "
-                    "content_hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    rows,
-                )
-
-        await self._db.run(apply)
+        with transaction(conn):
+            conn.execute("DELETE FROM shard_vectors WHERE tenant_id = ? AND shard_id = ?", (tenant_id, shard_id))
+            conn.executemany(
+                "INSERT INTO shard_vectors (tenant_id, shard_id, chunk_index, chunk, vector, model, "
+                "content_hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
 
     async def get_vectors(self, tenant_id: str, shard_id: str) -> ShardVectors | None:
         """The saved vectors in chunk order, or None."""

@@ -72,3 +72,13 @@ def inject_context(carrier: MutableMapping[str, str]) -> None:
 def extract_context(carrier: Mapping[str, str]) -> Context:
     """The remote parent context found in carrier (empty context if none)."""
     return _PROPAGATOR.extract(carrier)
+
+
+def carrier_trace_id(carrier: Mapping[str, str]) -> str | None:
+    """The trace id (32 hex digits) of the remote parent in carrier; None when it carries none.
+
+    A consumer span started with that parent belongs to the same trace, so this is its trace id
+    before the span exists.
+    """
+    context = trace.get_current_span(extract_context(carrier)).get_span_context()
+    return format(context.trace_id, "032x") if context.is_valid else None

@@ -60,6 +60,20 @@ class Begin(Enum):
     DEAD_LETTERED = "dead_lettered"
 
 
+def begin_from_status(attempt: int) -> JobStatus:
+    """The status a begin expects the job in: pending on the first attempt, failed on a retry."""
+    return S.PENDING if attempt == 0 else S.FAILED
+
+
+def begin_settled_by(status: JobStatus) -> Begin | None:
+    """What a begin that found the job in status answers; None: move it from that status to processing."""
+    if status is S.DEAD_LETTERED:
+        return Begin.DEAD_LETTERED
+    if status in TERMINAL:
+        return Begin.SKIP
+    return None
+
+
 class JobTracker:
     """Applies job transitions with bounded waits, buffering (and spooling) them while the store is unavailable.
 
@@ -162,8 +176,36 @@ class JobTracker:
             # The call may still land (see the module docstring); replays are idempotent for that.
             raise StoreUnavailableError(f"job store did not answer within {self._timeout:g}s") from None
 
+    @property
+    def timeout(self) -> float:
+        """Seconds a store call may take before the store counts as unavailable."""
+        return self._timeout
+
+    @property
+    def writes_directly(self) -> bool:
+        """True while the store answers and nothing is buffered: a write now goes straight to the store.
+
+        Only then may a caller apply a job's writes itself, merged with others in one unit of
+        work (worker/local_path.py); otherwise they must go through begin() and finish() so
+        they queue behind the buffered ones.
+        """
+        return not self._down and not self._spool
+
+    def kept_stored(self, write: TrackedWrite, actual: str) -> None:
+        """Log that a finish found the job no longer processing, so the stored record stands."""
+        assert write.status is not None
+        # A duplicate delivery raced us, or the job was finished by another worker: the first
+        # writer's record stands.
+        log.warning(
+            "job %s was %s when recording %s; keeping the stored record",
+            write.job_id,
+            actual,
+            write.status.value,
+            extra={"tenant_id": write.tenant_id, "job_id": write.job_id},
+        )
+
     async def _begin(self, write: TrackedWrite) -> Begin:
-        expected = S.PENDING if write.attempt == 0 else S.FAILED
+        expected = begin_from_status(write.attempt)
         for _ in range(_RESOLVE_ATTEMPTS):
             try:
                 begun = self.store.transition(
@@ -186,10 +228,8 @@ class JobTracker:
                 expected = stored.status
             except TransitionConflictError as exc:
                 expected = S(exc.actual)
-            if expected is S.DEAD_LETTERED:
-                return Begin.DEAD_LETTERED
-            if expected in TERMINAL:
-                return Begin.SKIP
+            if (settled := begin_settled_by(expected)) is not None:
+                return settled
         raise StoreUnavailableError(f"job {write.job_id} kept changing status under us")
 
     async def _finish(self, write: TrackedWrite, *, replay: bool) -> None:
@@ -212,15 +252,7 @@ class JobTracker:
                 # This very write timed out but landed, or was replayed before a crash.
                 log.debug("job %s already %s; nothing to replay", write.job_id, exc.actual, extra=extra)
                 return
-            # A duplicate delivery raced us, or the job was finished by another worker:
-            # the first writer's record stands.
-            log.warning(
-                "job %s was %s when recording %s; keeping the stored record",
-                write.job_id,
-                exc.actual,
-                write.status.value,
-                extra=extra,
-            )
+            self.kept_stored(write, exc.actual)
         except (JobNotFoundError, IllegalTransitionError) as exc:
             log.error("cannot record %s for job %s: %s", write.status.value, write.job_id, exc, extra=extra)
 

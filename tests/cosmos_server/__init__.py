@@ -13,7 +13,9 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Final, Self
@@ -37,6 +39,18 @@ class CosmosServerUnavailable(RuntimeError):
     """Node.js, npm or the server's npm packages cannot be had: a missing component, not a bug."""
 
 
+@dataclass(frozen=True, slots=True)
+class RequestCounts:
+    """Requests received for one database: in all, and by kind ("batch", "read", "query", ...)."""
+
+    total: int
+    kinds: dict[str, int]
+
+    def __sub__(self, earlier: RequestCounts) -> RequestCounts:
+        kinds = {kind: n - earlier.kinds.get(kind, 0) for kind, n in self.kinds.items()}
+        return RequestCounts(self.total - earlier.total, {kind: n for kind, n in kinds.items() if n})
+
+
 class CosmosServer:
     """A running launcher.js process; stop() it, or use it as a context manager."""
 
@@ -56,6 +70,13 @@ class CosmosServer:
         request = urllib.request.Request(self.endpoint.rstrip("/") + "/_faults", data=body, method="POST")
         with urllib.request.urlopen(request, timeout=5) as response:
             response.read()
+
+    def requests(self, database: str) -> RequestCounts:
+        """How many requests the server has received for database so far (faulted ones included)."""
+        url = f"{self.endpoint.rstrip('/')}/_requests?{urllib.parse.urlencode({'db': database})}"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            data = json.loads(response.read())
+        return RequestCounts(total=int(data["total"]), kinds={str(k): int(v) for k, v in data["kinds"].items()})
 
     def stop(self) -> None:
         """Terminate the server (kill it if it lingers) and drop its log."""

@@ -25,7 +25,12 @@
  *     `POST /_faults {"collection": NAME, "mode": "hang" | "fail" | null}`.
  *     "hang" holds that container's requests unanswered until the fault is
  *     cleared, then serves them (a stalled network that recovers, so a write
- *     a client gave up on may still land); "fail" answers 503.
+ *     a client gave up on may still land); "fail" answers 503;
+ *   - requests are counted per database, so tests can assert what an
+ *     operation costs in round trips: `GET /_requests?db=NAME` answers
+ *     `{"total": N, "kinds": {"batch": N, "read": N, ...}}` (faulted
+ *     requests included). The server charges a flat 1 RU per request, so
+ *     there is no request-charge figure worth reporting.
  *
  * Everything goes through the route table except the write sequence, which
  * has to see every stored document and so wraps Documents#_set.
@@ -368,11 +373,50 @@ function setFault(req, res) {
   });
 }
 
-function withFaults(server) {
+// --- Request counts ---------------------------------------------------------
+const requestCounts = new Map(); // database id -> { total, kinds: { kind: count } }
+
+/** What a request does, in the words of the SDK's operations. */
+function requestKind(req) {
+  const { method, headers } = req;
+  if (headers["x-ms-cosmos-is-batch-request"]) return "batch";
+  if (headers["x-ms-documentdb-isquery"] || headers["content-type"] === "application/query+json") return "query";
+  const path = req.url.split("?")[0];
+  if (/\/docs\/[^/]+$/.test(path)) {
+    return { GET: "read", PATCH: "patch", PUT: "replace", DELETE: "delete" }[method] || method;
+  }
+  if (/\/docs$/.test(path)) {
+    if (method === "GET") return headers["a-im"] ? "change feed" : "read feed";
+    if (method === "POST") return /^true$/i.test(headers["x-ms-documentdb-is-upsert"] || "") ? "upsert" : "create";
+  }
+  return `${method} ${path.replace(/^\/dbs\/[^/]+/, "").split("/")[1] || "database"}`;
+}
+
+function countRequest(req) {
+  const match = /^\/dbs\/([^/?]+)/.exec(req.url);
+  if (!match) return;
+  const database = decodeURIComponent(match[1]);
+  const counts = requestCounts.get(database) || { total: 0, kinds: {} };
+  const kind = requestKind(req);
+  counts.total += 1;
+  counts.kinds[kind] = (counts.kinds[kind] || 0) + 1;
+  requestCounts.set(database, counts);
+}
+
+function readRequestCounts(req, res) {
+  const database = new URL(req.url, "http://localhost").searchParams.get("db");
+  req.resume();
+  res.writeHead(200, { "content-type": "application/json" });
+  res.end(JSON.stringify(requestCounts.get(database) || { total: 0, kinds: {} }));
+}
+
+function withTestHooks(server) {
   const stock = server.listeners("request");
   server.removeAllListeners("request");
   server.on("request", (req, res) => {
     if (req.url === "/_faults" && req.method === "POST") return setFault(req, res);
+    if (req.url.startsWith("/_requests?") && req.method === "GET") return readRequestCounts(req, res);
+    countRequest(req);
     const name = collectionOf(req.url);
     const mode = name === null ? undefined : faults.get(name);
     const serve = () => stock.forEach(listener => listener.call(server, req, res));
@@ -392,7 +436,7 @@ function withFaults(server) {
 }
 
 const args = parseArgs(process.argv.slice(2));
-const server = withFaults(createHttpServer({ keepAlive: true }));
+const server = withTestHooks(createHttpServer({ keepAlive: true }));
 // Never close idle connections from this side: a client reusing a pooled
 // connection at the moment the server drops it would see a spurious error.
 server.keepAliveTimeout = 0;
