@@ -33,7 +33,10 @@ from bench.worker_rig import REPO, cli_env, run_cli, sample_shards, write_jsonl
 
 # Categories of the event loop's GIL time: the first whose marker is in the frame nearest the leaf.
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("thread hop: hand-off (executor submit, wakes the thread)", ("concurrent/futures/thread.py", "threading.py")),
+    (
+        "thread hop: hand-off (queueing a unit wakes the thread)",
+        ("concurrent/futures/thread.py", "threading.py", "_Connection.submit"),
+    ),
     (
         "thread hop: result back to the loop",
         ("asyncio/futures.py", "call_soon_threadsafe", "_write_to_self", "base_futures.py", "asyncio/threads.py"),
@@ -100,21 +103,38 @@ def category(frames: list[str]) -> str:
     return "other"
 
 
+def _line_of(path: Path, text: str) -> str:
+    """'file.py:N' of the first line of a repository file holding text ('' if none), as py-spy names frames."""
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if text in line:
+            return f"{path.name}:{number})"
+    return ""
+
+
+_SQLITE_DB = REPO / "jobs" / "sqlite_db.py"
+_BEGIN = _line_of(_SQLITE_DB, 'conn.execute("BEGIN IMMEDIATE")')
+_COMMIT = _line_of(_SQLITE_DB, 'conn.execute("COMMIT")')
+# The Python frames a connection's thread sits in between units: a pool worker, or a loop of its own.
+_IDLE_FRAMES = ("_worker (concurrent/futures/thread.py", "_serve (jobs/sqlite_db.py")
+
+
 def sqlite_state(frames: list[str]) -> str:
     """What a SQLite connection's thread is doing, from its Python and C frames."""
     stack = ";".join(frames)
-    leaf = frames[-1] if frames else ""
-    if "thread.py:81" in leaf or ("thread.py:81" in stack and "sqlite_db.py" not in stack):
-        return "waiting for work"
+    python = [frame for frame in frames if ".py:" in frame]
+    waiting_gil = "take_gil" in stack or "pthread_cond_timedwait" in stack
+    if python and any(mark in python[-1] for mark in _IDLE_FRAMES):
+        # Between units: blocked on its work queue, or taking the GIL back to run the next one.
+        return "waiting for the GIL" if waiting_gil else "waiting for work"
     if "usleep" in stack or "nanosleep" in stack:
         return "busy handler sleeping (another connection holds the write lock)"
     if "fdatasync" in stack and "Checkpoint" in stack:
         return "WAL checkpoint fdatasync"
-    if "pthread_cond_timedwait" in stack or "take_gil" in stack:
+    if waiting_gil:
         return "waiting for the GIL"
-    if "sqlite_db.py:129" in stack:
+    if _BEGIN and _BEGIN in stack:
         return "BEGIN IMMEDIATE, other"
-    if "sqlite_db.py:135" in stack:
+    if _COMMIT and _COMMIT in stack:
         return "COMMIT, other"
     return "statements and row handling"
 
@@ -178,7 +198,7 @@ def wait_report(path: Path) -> None:
             idle = "epoll_wait" in stack or "select.epoll" in stack
             loop["idle in epoll" if idle else "running or waiting for the GIL"] += count
     for tid, counts in states.items():
-        label = owner[tid].most_common(1)[0][0] if owner[tid] else "unknown"
+        label = ", ".join(name for name, _ in owner[tid].most_common()) or "unknown"
         show(f"SQLite thread {tid} ({label}), wall time", counts)
     show("event loop, wall time", loop)
 
@@ -190,6 +210,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=2000)
     parser.add_argument("--rate", type=int, default=500, help="samples per second of the --gil run")
     parser.add_argument("--native", action="store_true", help="also profile every thread with C frames")
+    parser.add_argument("--keep", type=Path, help="copy py-spy's raw stacks (gil.txt, native.txt) into this folder")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="profile-pipeline-") as tmp:
         root = Path(tmp)
@@ -202,6 +223,10 @@ def main() -> None:
             shutil.copytree(root / "seeded", root / "native")
             record(args.py_spy, root / "native", root / "native.txt", 100, "--idle", "--native")
             wait_report(root / "native.txt")
+        if args.keep is not None:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            for raw in root.glob("*.txt"):
+                shutil.copy(raw, args.keep / raw.name)
 
 
 if __name__ == "__main__":
