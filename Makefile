@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install run test lint typecheck pytest test-deps generate clean bench
+.PHONY: install run test lint typecheck pytest test-deps generate lock image clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,24 @@ generate: install
 	$(BIN)/python -m alerts.build
 	$(BIN)/python -m dashboards.build
 	$(BIN)/python -m tests.helm_tools sync
+
+# requirements.lock: every package the image installs, its build backend included, pinned with the hashes
+# of every file on the index (uv's universal resolution, so it holds for any platform). `make lock`
+# refreshes it to the newest versions pyproject.toml allows; commit the result.
+$(BIN)/uv: $(STAMP)
+	$(BIN)/pip install --quiet 'uv>=0.9'
+
+lock: $(BIN)/uv
+	$(BIN)/python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires'], sep='\n')" \
+	  | $(BIN)/uv pip compile --quiet pyproject.toml - --extra azure --universal --python-version 3.11 \
+	    --generate-hashes --upgrade --custom-compile-command 'make lock' --output-file requirements.lock
+
+# The image, with podman (or CONTAINER_TOOL=docker); PYTHON_IMAGE as in the Dockerfile unless given.
+CONTAINER_TOOL ?= podman
+IMAGE ?= embedding-jobs:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+image:
+	$(CONTAINER_TOOL) build $(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE)) \
+	  --build-arg REVISION=$(shell git rev-parse HEAD 2>/dev/null) --tag $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache var

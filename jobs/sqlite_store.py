@@ -118,6 +118,15 @@ def _bump(conn: sqlite3.Connection, tenant_id: str, status: str, delta: int) -> 
     )
 
 
+def _move(conn: sqlite3.Connection, tenant_id: str, from_status: str, to_status: str) -> None:
+    """One job from one status's count to another's, in one statement."""
+    conn.execute(
+        "INSERT INTO job_counters (tenant_id, status, count) VALUES (?1, ?2, -1), (?1, ?3, 1) "
+        "ON CONFLICT (tenant_id, status) DO UPDATE SET count = count + excluded.count",
+        (tenant_id, from_status, to_status),
+    )
+
+
 class SQLiteJobStore:
     """JobStore backed by one SQLite file; safe for several processes sharing it."""
 
@@ -265,8 +274,7 @@ class SQLiteJobStore:
                     raise JobNotFoundError(tenant_id, job_id)
                 raise TransitionConflictError(job_id, from_status.value, current["status"])
             if from_status is not to_status:
-                _bump(conn, tenant_id, from_status.value, -1)
-                _bump(conn, tenant_id, to_status.value, 1)
+                _move(conn, tenant_id, from_status.value, to_status.value)
 
     async def purge(self, older_than: timedelta, tenant_id: str | None = None) -> int:
         """Delete finished jobs whose completion is older than older_than; counters follow."""

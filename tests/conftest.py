@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -15,6 +16,15 @@ from jobs.sqlite_store import SQLiteJobStore
 from jobs.store import JobStore
 from tests.components import missing
 from tests.cosmos_server import CosmosServer, CosmosServerUnavailable, cosmos_client, start_cosmos_server
+from tests.podman_tools import (
+    IMAGE_FIGURES,
+    IMAGE_REPOSITORY,
+    Podman,
+    build_image,
+    ensure_base,
+    keep_cache_and_prune,
+    require_podman,
+)
 from tests.servicebus_peer import ServiceBusPeer
 
 STORE_BACKENDS = ["sqlite", "cosmos"]
@@ -37,6 +47,32 @@ def servicebus_peer() -> Iterator[ServiceBusPeer]:
     with ServiceBusPeer() as peer:
         yield peer
     assert peer.errors == [], peer.errors
+
+
+@pytest.fixture(scope="session")
+def podman() -> Podman:
+    """podman with the project's containers.conf, or a skip (a failure under CI=true) naming what is missing."""
+    return require_podman()
+
+
+@pytest.fixture(scope="session")
+def image(podman: Podman, request: pytest.FixtureRequest) -> Iterator[str]:
+    """The image built from the working tree's Dockerfile under a tag of this run's own, removed afterwards.
+
+    The base is reused when present; an unchanged tree rebuilds from podman's layer cache in seconds.
+    """
+    base_seconds = ensure_base(podman)
+    tag = f"{IMAGE_REPOSITORY}:test-{uuid.uuid4().hex[:12]}"
+    started = time.monotonic()
+    build_image(podman, tag)
+    request.config.stash[IMAGE_FIGURES] = [
+        f"base image ready in {base_seconds:.0f}s",
+        f"image built in {time.monotonic() - started:.0f}s",
+    ]
+    try:
+        yield tag
+    finally:
+        keep_cache_and_prune(podman, tag)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,3 +119,19 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
                 await client.delete_database(name)
     else:  # pragma: no cover - a backend listed without a factory
         raise AssertionError(f"no factory for backend {backend}")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """List the figures tests measured (their "figure" user properties: image size, build times)."""
+    figures = [
+        (report.nodeid, value)
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        if getattr(report, "when", None) == "call"
+        for name, value in getattr(report, "user_properties", ())
+        if name == "figure"
+    ]
+    if figures:
+        terminalreporter.section("figures measured")
+        for nodeid, value in figures:
+            terminalreporter.write_line(f"{value}  ({nodeid})")

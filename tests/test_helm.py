@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,9 @@ from typing import Any
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from alerts.build import RULES_FILE, RuleParams, rule_groups
 from jobs.settings import ENV_PREFIX, Settings
@@ -41,6 +45,7 @@ ALL_ON = CHART / "ci" / "all-on-values.yaml"
 # The defaults with the open API they need said explicitly (the defaults alone are refused).
 TRIAL = CHART / "ci" / "trial-values.yaml"
 DOCKERFILE = REPO / "Dockerfile"
+LOCK = REPO / "requirements.lock"
 # kubernetes-validate has schemas for the built-in kinds only; these are checked structurally below.
 CUSTOM_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "ScaledObject", "TriggerAuthentication"}
 PROBE_TIMING = ("periodSeconds", "timeoutSeconds", "failureThreshold")
@@ -115,6 +120,68 @@ def test_image_build_context_holds_every_package_the_wheel_needs() -> None:
     for name in [*sorted(packages), "pyproject.toml", "README.md"]:
         assert name in copied, f"Dockerfile does not copy {name}"
         assert name in allowed, f".dockerignore keeps {name} out of the build context"
+
+
+def locked_pins() -> dict[str, tuple[Version, int]]:
+    """requirements.lock as normalised name -> (pinned version, number of hashes)."""
+    text = re.sub(r"\\\n", " ", LOCK.read_text())
+    pins: dict[str, tuple[Version, int]] = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        requirement, *options = line.split(" --hash=")
+        name, _, version = requirement.split(";")[0].strip().partition("==")
+        assert version, f"requirements.lock: {requirement} is not pinned with =="
+        pins[canonicalize_name(name)] = (Version(version), len(options))
+    return pins
+
+
+def test_lock_pins_every_dependency_of_the_image_and_its_build_backend_with_hashes() -> None:
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    wanted = [
+        *pyproject["project"]["dependencies"],
+        *pyproject["project"]["optional-dependencies"]["azure"],
+        *pyproject["build-system"]["requires"],
+    ]
+    pins = locked_pins()
+    for line in wanted:
+        requirement = Requirement(line)
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{name} is not in requirements.lock: run `make lock`"
+        assert requirement.specifier.contains(pins[name][0], prereleases=True), f"{line} vs {pins[name][0]}: make lock"
+    assert not [name for name, (_, hashes) in pins.items() if hashes == 0], "every pin needs its hashes"
+    assert "make lock" in LOCK.read_text().split("\n", 3)[1], "the lock names the command that refreshes it"
+
+
+def test_dockerfile_installs_the_locked_dependencies_in_a_layer_before_the_source() -> None:
+    _, stages = dockerfile_stages()
+    build = stages[0]
+    [install] = [i for i, (ins, rest) in enumerate(build) if ins == "RUN" and "-r requirements.lock" in rest]
+    assert "--require-hashes" in build[install][1]
+    copies = {rest.split()[0]: i for i, (ins, rest) in enumerate(build) if ins == "COPY"}
+    assert copies["requirements.lock"] < install
+    for source in ("pyproject.toml", "jobs", "worker", "exporter", "embedding_jobs"):
+        assert copies[source] > install, f"{source} is copied before the dependencies are installed"
+    [wheel] = [rest for ins, rest in build if ins == "RUN" and "pip wheel" in rest]
+    # The locked backend builds the wheel, and the wheel's own dependencies come from the lock only.
+    assert "--no-build-isolation" in wheel
+    assert wheel.count("--no-deps") == 2
+    assert "pip check" in wheel
+    assert "!requirements.lock" in (REPO / ".dockerignore").read_text().splitlines()
+
+
+def test_image_labels_carry_the_package_version_and_the_chart_s_source() -> None:
+    _, stages = dockerfile_stages()
+    final = stages[-1]
+    args = dict(rest.split("=", 1) for ins, rest in final if ins == "ARG" and "=" in rest)
+    labels = dict(token.split("=", 1) for ins, rest in final if ins == "LABEL" for token in shlex.split(rest))
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert labels["org.opencontainers.image.version"] == "${VERSION}"
+    assert args["VERSION"] == version, "the Dockerfile's VERSION default must follow pyproject.toml"
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert labels["org.opencontainers.image.source"] == chart["sources"][0]
+    assert labels["org.opencontainers.image.revision"] == "${REVISION}"
 
 
 # Obtaining the tools ---------------------------------------------------------------------------

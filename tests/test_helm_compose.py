@@ -75,9 +75,7 @@ def test_chart_renders_as_a_subchart_of_an_umbrella_chart_with_global_values(
                 "apiVersion": "v2",
                 "name": "platform",
                 "version": "1.0.0",
-                "dependencies": [
-                    {"name": chart["name"], "version": chart["version"], "repository": f"file://{CHART}"}
-                ],
+                "dependencies": [{"name": chart["name"], "version": chart["version"], "repository": f"file://{CHART}"}],
             }
         )
     )

@@ -135,13 +135,24 @@ async def test_receiving_begins_each_job_in_the_same_transaction(parts: Parts) -
     await parts.queue.send(b"{not json", message_id="garbage")
 
     received = await receive(parts, 6)
-    begun = {m.message_id: parts.path.take(m) for m in received}
+    taken = {m.message_id: parts.path.take(m) for m in received}
+    begun = {message_id: t.begin if t is not None else None for message_id, t in taken.items()}
     assert begun == {
         fresh.message_id: Begin.PROCEED,
         retried.message_id: Begin.PROCEED,
         unrecorded.message_id: Begin.PROCEED,
         completed.message_id: Begin.SKIP,
         dead.message_id: Begin.DEAD_LETTERED,
+        "garbage": None,
+    }
+    # The shards of the jobs to work on were read with them.
+    shards = {message_id: t.shard.text if t and t.shard else None for message_id, t in taken.items()}
+    assert shards == {
+        fresh.message_id: "text of shard 1",
+        retried.message_id: "text of shard 2",
+        unrecorded.message_id: "text of shard 3",
+        completed.message_id: None,
+        dead.message_id: None,
         "garbage": None,
     }
     # Each answer is given once.
@@ -178,7 +189,9 @@ async def test_while_writes_are_buffered_receiving_leaves_begins_to_the_tracker(
 async def test_completing_saves_vectors_records_the_job_and_removes_the_message_together(parts: Parts) -> None:
     msg = await produce(parts, 1)
     [received] = await receive(parts, 1)
-    assert parts.path.take(received) is Begin.PROCEED
+    taken = parts.path.take(received)
+    assert taken is not None
+    assert taken.begin is Begin.PROCEED
 
     assert await parts.path.complete(received, msg, vectors_of(msg), META, TRACE)
 
@@ -228,7 +241,9 @@ async def test_a_completion_after_the_lock_lapsed_keeps_the_work_and_the_redeliv
         assert await p.shards.get_vectors(TENANT, msg.shard_id) is not None
         [again] = await receive(p, 1)
         assert again.message_id == received.message_id
-        assert p.path.take(again) is Begin.SKIP
+        taken = p.path.take(again)
+        assert taken is not None
+        assert (taken.begin, taken.shard) == (Begin.SKIP, None)
         await assert_counters_match(p.store)
 
 

@@ -93,8 +93,9 @@ async def test_job_span_continues_the_producer_trace_and_records_the_attempt(
     assert attrs[attr.GEN_AI_MODEL] == "hashing-32"
     assert float(str(attrs[attr.QUEUE_WAIT])) >= 0
     children = {s.name for s in spans if s.parent is not None and s.parent.span_id == consumer.context.span_id}
-    # On the local path the vectors are saved in the same transaction that records the job completed.
-    assert {"embedding.load_shard", "embedding.embed", "embedding.store.complete"} <= children
+    # On the local path the shard is read with the message, and the vectors are saved in the same
+    # transaction that records the job completed.
+    assert {"embedding.embed", "embedding.store.complete"} <= children
 
 
 async def test_transient_failure_is_retried_and_then_completes(pipeline: PipelineFactory, tmp_path: Path) -> None:

@@ -22,10 +22,10 @@ from worker.chunking import chunk_text
 from worker.embedders.base import Embedder
 from worker.errors import PermanentError, RetryableError
 from worker.heartbeat import Heartbeat
-from worker.local_path import LocalPath
+from worker.local_path import Begun, LocalPath
 from worker.messages import MAX_ATTEMPT, JobMessage, MalformedMessageError, parse_message, trace_carrier
 from worker.queue import MessageLockLostError, Queue, QueueError, ReceivedMessage
-from worker.shards import ShardNotFoundError, ShardStore, ShardVectors
+from worker.shards import Shard, ShardNotFoundError, ShardStore, ShardVectors
 from worker.tracing import extract_context, inject_context
 from worker.tracker import Begin, JobTracker
 
@@ -199,7 +199,7 @@ class Consumer:
             self.processed[outcome] += 1
             return outcome
 
-    async def _process(self, received: ReceivedMessage, span: trace.Span, begun: Begin | None) -> Outcome:
+    async def _process(self, received: ReceivedMessage, span: trace.Span, begun: Begun | None) -> Outcome:
         try:
             if received.body_error is not None:
                 raise MalformedMessageError(received.body_error)
@@ -237,11 +237,11 @@ class Consumer:
         msg: JobMessage,
         span: trace.Span,
         extra: dict[str, object],
-        begun: Begin | None,
+        begun: Begun | None,
     ) -> Outcome:
         trace_id = format(span.get_span_context().trace_id, "032x")
         started = time.perf_counter()
-        begin = begun
+        begin = begun.begin if begun is not None else None
         if begin is None:
             with self.tracer.start_as_current_span("embedding.store.begin"):
                 begin = await asyncio.shield(self.tracker.begin(msg, trace_id))
@@ -258,7 +258,7 @@ class Consumer:
             return Outcome.SKIPPED
 
         try:
-            vectors = await self._embed_shard(msg)
+            vectors = await self._embed_shard(msg, begun.shard if begun is not None else None)
         except Exception as exc:  # any failure is an attempt outcome; unknown ones are retried
             span.record_exception(exc)
             span.set_attribute(attr.ERROR_TYPE, type(exc).__name__)
@@ -292,12 +292,14 @@ class Consumer:
         log.info("job completed: %d vectors", len(vectors.vectors), extra=extra)
         return Outcome.COMPLETED
 
-    async def _embed_shard(self, msg: JobMessage) -> ShardVectors:
-        with self.tracer.start_as_current_span("embedding.load_shard"):
-            try:
-                shard = await self.shards.get(msg.tenant_id, msg.shard_id)
-            except ShardNotFoundError as exc:
-                raise PermanentError(str(exc)) from exc
+    async def _embed_shard(self, msg: JobMessage, shard: Shard | None) -> ShardVectors:
+        """The shard's chunks and vectors; the shard is read unless the receipt read it already."""
+        if shard is None:
+            with self.tracer.start_as_current_span("embedding.load_shard"):
+                try:
+                    shard = await self.shards.get(msg.tenant_id, msg.shard_id)
+                except ShardNotFoundError as exc:
+                    raise PermanentError(str(exc)) from exc
         chunks = [
             c.text
             for c in chunk_text(

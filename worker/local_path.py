@@ -5,7 +5,8 @@ file on one connection (jobs/sqlite_db.py). A job's writes there can share trans
 that each component alone would make separately:
 
 - receive: the messages' locks and their jobs' begins (pending or failed -> processing,
-  or the job created if no producer recorded it) commit together;
+  or the job created if no producer recorded it) commit together, and the shards of the
+  jobs to work on are read in the same call;
 - complete: the vectors, the completed record and the message's removal commit together.
 
 Merging changes what a crash can leave behind only for the better: a kill between the
@@ -40,7 +41,7 @@ from jobs.sqlite_store import SQLiteJobStore
 from worker.local_queue import LocalQueue
 from worker.messages import JobMessage, MalformedMessageError, parse_message, trace_carrier
 from worker.queue import MessageLockLostError, Queue, QueueUnavailableError, ReceivedMessage
-from worker.shards import ShardStore, ShardVectors, SQLiteShardStore
+from worker.shards import Shard, ShardStore, ShardVectors, SQLiteShardStore
 from worker.spool import TrackedWrite
 from worker.tracing import carrier_trace_id
 from worker.tracker import Begin, JobTracker, begin_from_status, begin_settled_by
@@ -50,6 +51,15 @@ S = JobStatus
 # A begin inside one transaction sees no concurrent writer: two steps always settle it
 # (a conflict names the status the second step starts from).
 _BEGIN_STEPS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Begun:
+    """What receiving did for one message: its job's begin, and the shard to embed if the job proceeds."""
+
+    begin: Begin
+    # None when the job does not proceed, or its shard is missing (the consumer's own read reports that).
+    shard: Shard | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +82,7 @@ class LocalPath:
         self.shards = shards
         self.tracker = tracker
         self._timeout = tracker.timeout
-        self._begun: dict[str, Begin] = {}
+        self._begun: dict[str, Begun] = {}
 
     @classmethod
     def of(cls, queue: Queue, shards: ShardStore, tracker: JobTracker) -> LocalPath | None:
@@ -103,18 +113,23 @@ class LocalPath:
                 self._begun[message.lock_token] = begin
         return [message for message, _ in received]
 
-    def take(self, received: ReceivedMessage) -> Begin | None:
-        """The begin made with this message's receipt, once; None if there was none."""
+    def take(self, received: ReceivedMessage) -> Begun | None:
+        """What receiving did for this message, once; None if it began nothing."""
         return self._begun.pop(received.lock_token, None)
 
-    def _begin_all(self, conn: sqlite3.Connection, messages: list[ReceivedMessage]) -> list[Begin | None]:
-        results: list[Begin | None] = []
+    def _begin_all(self, conn: sqlite3.Connection, messages: list[ReceivedMessage]) -> list[Begun | None]:
+        results: list[Begun | None] = []
         for received in messages:
             try:
                 msg = parse_message(received.body) if received.body_error is None else None
             except MalformedMessageError:
                 msg = None  # the consumer dead-letters it
-            results.append(None if msg is None else self._begin(conn, msg, received))
+            begin = None if msg is None else self._begin(conn, msg, received)
+            if msg is None or begin is None:
+                results.append(None)
+                continue
+            shard = self.shards.find_in(conn, msg.tenant_id, msg.shard_id) if begin is Begin.PROCEED else None
+            results.append(Begun(begin, shard))
         return results
 
     def _begin(self, conn: sqlite3.Connection, msg: JobMessage, received: ReceivedMessage) -> Begin | None:

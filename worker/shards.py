@@ -163,16 +163,20 @@ class SQLiteShardStore:
 
     async def get(self, tenant_id: str, shard_id: str) -> Shard:
         """The tenant's shard; ShardNotFoundError if missing."""
-        row = await self._db.run(
-            lambda conn: conn.execute(
-                "SELECT tenant_id, id, shard_type_id, text, content_hash, updated_at FROM shards "
-                "WHERE tenant_id = ? AND id = ?",
-                (tenant_id, shard_id),
-            ).fetchone()
-        )
-        if row is None:
+        shard = await self._db.run(self.find_in, tenant_id, shard_id)
+        if shard is None:
             raise ShardNotFoundError(f"shard {shard_id!r} not found in tenant {tenant_id!r}")
-        return shard_from_row(row)
+        return shard
+
+    @staticmethod
+    def find_in(conn: sqlite3.Connection, tenant_id: str, shard_id: str) -> Shard | None:
+        """The tenant's shard or None, read on the caller's connection thread (inside its transaction, if any)."""
+        row = conn.execute(
+            "SELECT tenant_id, id, shard_type_id, text, content_hash, updated_at FROM shards "
+            "WHERE tenant_id = ? AND id = ?",
+            (tenant_id, shard_id),
+        ).fetchone()
+        return None if row is None else shard_from_row(row)
 
     async def save_vectors(self, tenant_id: str, shard_id: str, vectors: ShardVectors) -> None:
         """Replace the shard's chunk vectors in one transaction."""
