@@ -36,7 +36,7 @@ from datetime import timedelta
 from enum import Enum
 from pathlib import Path
 
-from bench.harness import Figure, interleaved, ratios, report
+from bench.harness import Figure, interleaved, machine_load, ratios, report
 from bench.worker_rig import sample_shards
 from embedding_jobs.backends import build_tracker, consumer_config, open_backends
 from jobs.errors import JobNotFoundError
@@ -199,7 +199,7 @@ async def work(data_dir: Path, jobs: int, tracking: Tracking) -> tuple[float, fl
         async with tracker.running():
             started, cpu = time.perf_counter(), time.process_time()
             run = asyncio.create_task(consumer.run(stop))
-            # The consumer only counts outcomes; polling them every 5 ms costs both sides alike.
+            # The consumer only counts outcomes; polling them every 5 ms costs every arm alike.
             while sum(consumer.processed.values()) < jobs and not run.done():  # noqa: ASYNC110
                 await asyncio.sleep(0.005)
             elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
@@ -253,16 +253,21 @@ def main() -> None:
     off = Tracking.OFF
     for arm in (Tracking.ON, Tracking.SEPARATE):
         ratio = ratios(rates[arm], rates[off])
-        report(
+        name = (
             f"tracking {arm.value} / off, throughput, {JOBS} jobs, {EMBED_SECONDS * 1000:.0f} ms embedder,"
-            f" concurrency {CONCURRENCY}",
+            f" concurrency {CONCURRENCY}"
+        )
+        figure = (
             f"{ratio.show('x')}: {Figure.of(rates[arm]).show('jobs/s', digits=0)} against"
             f" {Figure.of(rates[off]).show('jobs/s', digits=0)}; CPU per job {Figure.of(cpu[arm]).show('ms', 1e3)}"
             f" against {Figure.of(cpu[off]).show('ms', 1e3)}, off / on {ratios(cpu[off], cpu[arm]).show('x')}"
-            f" ({ROUNDS} rounds)",
-            f">= {TARGET}",
-            ratio.median >= TARGET,
+            f" ({ROUNDS} rounds)"
         )
+        if arm is Tracking.ON:
+            report(name, figure, f">= {TARGET}", ratio.median >= TARGET)
+        else:
+            # No target: this arm shows what merging the local writes gives.
+            print(f"{name}: {figure} | load {machine_load()}", flush=True)
 
 
 if __name__ == "__main__":
