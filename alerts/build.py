@@ -25,8 +25,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Final
 
+from alerts import dashboard_uids as uids
 from alerts.yamltext import dump
-from dashboards import uids
 
 RULES_FILE: Final = Path(__file__).with_name("embedding-jobs.rules.yaml")
 CHART_RULES_FILE: Final = Path(__file__).with_name("embedding-jobs.rules.tpl")

@@ -13,13 +13,13 @@ from grafana_foundation_sdk.builders import dashboard, prometheus, table
 from grafana_foundation_sdk.models import common as common_models
 from grafana_foundation_sdk.models import dashboard as dashboard_models
 
+from alerts import dashboard_uids as uids
 from alerts.build import (
     DASHBOARD_WINDOWS,
     RuleParams,
     dead_letter_ratio_record,
     duration_p95_record,
 )
-from dashboards import uids
 from dashboards.panels import (
     BY_DEPLOYMENT,
     DEPLOYMENT_LEGEND,

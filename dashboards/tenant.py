@@ -11,8 +11,8 @@ from __future__ import annotations
 from grafana_foundation_sdk.builders import dashboard, prometheus
 from grafana_foundation_sdk.models import dashboard as dashboard_models
 
+from alerts import dashboard_uids as uids
 from alerts.build import DASHBOARD_WINDOWS, dead_letter_ratio_record
-from dashboards import uids
 from dashboards.panels import (
     BY_DEPLOYMENT,
     DEPLOYMENT_LEGEND,

@@ -1,4 +1,4 @@
-"""Builds the store, shard store, queue and embedder that the settings name."""
+"""Builds the store, shard store, shard feed, queue and embedder that the settings name."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from jobs.sqlite_store import SQLiteJobStore
 from jobs.store import JobStore
 from worker.consumer import ConsumerConfig
 from worker.embedders import Embedder, create_embedder
+from worker.feed import DEFAULT_FEEDER_NAME, ShardFeed
 from worker.local_queue import LocalQueue
 from worker.queue import Queue
 from worker.shards import ShardStore, SQLiteShardStore
@@ -42,6 +43,7 @@ class Backends:
     shards: ShardStore
     queue: Queue
     state_lease: Lease | None = None
+    feed: ShardFeed | None = None
 
 
 async def open_job_store(settings: Settings, client: CosmosClient | None = None, *, verify: bool = True) -> JobStore:
@@ -49,7 +51,7 @@ async def open_job_store(settings: Settings, client: CosmosClient | None = None,
     if settings.store == "sqlite":
         return await SQLiteJobStore.open(settings.sqlite_path)
     if settings.store == "cosmos":
-        from jobs.cosmos_setup import retention_of
+        from embedding_jobs.cosmos import retention_of
         from jobs.cosmos_store import CosmosJobStore
 
         _require_cosmos(settings)
@@ -98,6 +100,30 @@ async def open_shard_store(settings: Settings, client: CosmosClient | None = Non
             container=settings.cosmos_shards_container,
         )
     raise BackendUnavailableError(f"shard store for {settings.store!r} is not available in this installation")
+
+
+async def open_feed(
+    settings: Settings, client: CosmosClient | None = None, *, name: str = DEFAULT_FEEDER_NAME
+) -> ShardFeed:
+    """The feed of the shard store that goes with settings.store (on client, when given, for Cosmos)."""
+    if settings.store == "sqlite":
+        from worker.local_feed import LocalShardFeed
+
+        return await LocalShardFeed.open(settings.sqlite_path, name=name)
+    if settings.store == "cosmos":
+        from worker.cosmos_feed import CosmosShardFeed
+
+        _require_cosmos(settings)
+        return await CosmosShardFeed.open(
+            endpoint=settings.cosmos_endpoint,
+            key=settings.cosmos_key,
+            client=client,
+            database=settings.cosmos_database,
+            shards_container=settings.cosmos_shards_container,
+            leases_container=settings.cosmos_leases_container,
+            name=name,
+        )
+    raise BackendUnavailableError(f"shard feed for {settings.store!r} is not available in this installation")
 
 
 async def open_state_lease(settings: Settings, client: CosmosClient | None = None) -> Lease:
@@ -205,19 +231,19 @@ def build_tracker(settings: Settings, store: JobStore) -> JobTracker:
 
 @asynccontextmanager
 async def open_backends(
-    settings: Settings, *, state_lease: bool = False, for_worker: bool = False
+    settings: Settings, *, state_lease: bool = False, for_worker: bool = False, feed: bool = False
 ) -> AsyncIterator[Backends]:
-    """Open store, shard store and queue (and the state lease if asked for); close them all on exit.
+    """Open store, shard store and queue (and the state lease and shard feed if asked for); close them all on exit.
 
     for_worker opens the job store with open_worker_job_store.
     """
     async with AsyncExitStack() as stack:
         client = None
         if settings.store == "cosmos":
-            from jobs.cosmos_setup import connect_from
+            from embedding_jobs.cosmos import connect_from
 
             _require_cosmos(settings)
-            # One client (one connection pool) shared by the job and shard stores.
+            # One client (one connection pool) shared by the stores, the lease and the feed.
             connection = await connect_from(settings)
             stack.push_async_callback(connection.close)
             client = connection.client
@@ -231,4 +257,8 @@ async def open_backends(
         if state_lease:
             lease = await open_state_lease(settings, client)
             stack.push_async_callback(lease.close)
-        yield Backends(store=store, shards=shards, queue=queue, state_lease=lease)
+        shard_feed = None
+        if feed:
+            shard_feed = await open_feed(settings, client)
+            stack.push_async_callback(shard_feed.close)
+        yield Backends(store=store, shards=shards, queue=queue, state_lease=lease, feed=shard_feed)

@@ -475,7 +475,7 @@ async def cmd_init_db(settings: Settings, args: argparse.Namespace) -> int:
     """Create or check the Cosmos DB database and containers."""
     if settings.store != "cosmos":
         raise ValueError("init-db sets up Cosmos DB: pass --store cosmos (the SQLite file sets itself up)")
-    from jobs.cosmos_setup import run_init_db
+    from embedding_jobs.cosmos import run_init_db
 
     for line in await run_init_db(settings):
         print(line)
@@ -492,9 +492,10 @@ async def cmd_feeder(settings: Settings, args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     provider = create_tracer_provider("embedding-jobs-feeder", settings.otlp_endpoint, otlp_token=settings.otlp_token)
     try:
-        async with open_backends(settings) as backends:
+        async with open_backends(settings, feed=True) as backends:
+            assert backends.feed is not None
             totals = await run_feeder(
-                settings,
+                backends.feed,
                 Producer(backends.store, backends.queue, get_tracer(provider)),
                 stop,
                 interval=args.poll_interval,

@@ -98,7 +98,7 @@ def _register_runtime(registry: CollectorRegistry) -> None:
     """The process (CPU, memory, open files, start time), the Python platform and the build, on registry."""
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
-    build = Gauge(m.BUILD_INFO, m.BUILD_INFO_HELP, ["version"], registry=registry)
+    build = Gauge(m.BUILD_INFO, m.BUILD_INFO_HELP, m.BUILD_INFO_LABELS, registry=registry)
     build.labels(package_version()).set(1)
 
 

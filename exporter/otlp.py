@@ -107,10 +107,8 @@ def setup(app: web.Application) -> None:
 
 def _forward_counters(app: web.Application) -> tuple[Counter, Counter]:
     registry = app[REGISTRY]
-    sent = Counter(m.FORWARD_SENT, "Span batches forwarded upstream.", registry=registry)
-    dropped = Counter(
-        m.FORWARD_DROPPED, "Span batches not forwarded upstream, by reason.", ["reason"], registry=registry
-    )
+    sent = Counter(m.FORWARD_SENT, m.FORWARD_SENT_HELP, registry=registry)
+    dropped = Counter(m.FORWARD_DROPPED, m.FORWARD_DROPPED_HELP, m.FORWARD_DROPPED_LABELS, registry=registry)
     for reason in m.FORWARD_DROP_REASONS:
         dropped.labels(reason)
     return sent, dropped

@@ -14,7 +14,7 @@ import threading
 import time
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
@@ -239,14 +239,28 @@ class SpanMetrics(Collector):
         ex.header(out, m.TENANTS_EVICTED, m.TENANTS_EVICTED_HELP, "counter", openmetrics)
         out.append(f"{m.TENANTS_EVICTED}_total {self.tenants.evicted}\n")
 
+    def _new_families(self) -> _Families:
+        duration_labels = m.JOB_DURATION_LABELS_FULL if self.by_outcome else m.JOB_DURATION_LABELS
+        return _Families(
+            attempts=CounterMetricFamily(m.ATTEMPTS, m.ATTEMPTS_HELP, labels=m.ATTEMPTS_LABELS),
+            vectors=CounterMetricFamily(m.VECTORS, m.VECTORS_HELP, labels=m.VECTORS_LABELS),
+            duration=HistogramMetricFamily(m.JOB_DURATION, m.JOB_DURATION_HELP, labels=duration_labels, unit=m.SECONDS),
+            wait=HistogramMetricFamily(m.QUEUE_WAIT, m.QUEUE_WAIT_HELP, labels=m.QUEUE_WAIT_LABELS, unit=m.SECONDS),
+            received=CounterMetricFamily(m.SPANS_RECEIVED, m.SPANS_RECEIVED_HELP, labels=m.SPANS_RECEIVED_LABELS),
+            dropped=CounterMetricFamily(m.SPANS_DROPPED, m.SPANS_DROPPED_HELP, labels=m.SPANS_DROPPED_LABELS),
+            folded=GaugeMetricFamily(m.TENANTS_FOLDED, m.TENANTS_FOLDED_HELP),
+            evicted=CounterMetricFamily(m.TENANTS_EVICTED, m.TENANTS_EVICTED_HELP),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        """Every family this collector serves, so the registry can refuse duplicate names."""
+        yield from self._new_families()
+
     def collect(self) -> Iterator[Metric]:
         """The same values as standard metric families (for registry readers; slower than render)."""
         tenants = self._snapshot()
-        attempts = CounterMetricFamily(m.ATTEMPTS, m.ATTEMPTS_HELP, labels=["tenant", "outcome"])
-        vectors = CounterMetricFamily(m.VECTORS, m.VECTORS_HELP, labels=["tenant"])
-        duration_labels = ["tenant", "outcome"] if self.by_outcome else ["tenant"]
-        duration = HistogramMetricFamily(m.JOB_DURATION, m.JOB_DURATION_HELP, labels=duration_labels, unit=m.SECONDS)
-        wait = HistogramMetricFamily(m.QUEUE_WAIT, m.QUEUE_WAIT_HELP, labels=["tenant"], unit=m.SECONDS)
+        families = self._new_families()
+        attempts, vectors, duration, wait = families.attempts, families.vectors, families.duration, families.wait
         for tenant, data in tenants:
             for i, outcome in enumerate(m.ATTEMPT_OUTCOMES):
                 attempts.add_metric([tenant, outcome], data.attempts[i], exemplar=_exemplar(data.attempt_exemplars[i]))
@@ -259,16 +273,26 @@ class SpanMetrics(Collector):
                 _add_histogram(duration, [tenant], self.duration_buckets, data.durations[0])
             if any(data.wait.counts):
                 _add_histogram(wait, [tenant], self.wait_buckets, data.wait)
-        yield from (attempts, vectors, duration, wait)
-        received = CounterMetricFamily(m.SPANS_RECEIVED, m.SPANS_RECEIVED_HELP, labels=["source"])
         for source, count in zip(m.SPAN_SOURCES, self._received, strict=True):
-            received.add_metric([source], count)
-        dropped = CounterMetricFamily(m.SPANS_DROPPED, m.SPANS_DROPPED_HELP, labels=["reason"])
+            families.received.add_metric([source], count)
         for reason, count in zip(m.DROP_REASONS, self._dropped, strict=True):
-            dropped.add_metric([reason], count)
-        yield from (received, dropped)
-        yield GaugeMetricFamily(m.TENANTS_FOLDED, m.TENANTS_FOLDED_HELP, value=self.tenants.folded)
-        yield CounterMetricFamily(m.TENANTS_EVICTED, m.TENANTS_EVICTED_HELP, value=self.tenants.evicted)
+            families.dropped.add_metric([reason], count)
+        families.folded.add_metric([], self.tenants.folded)
+        families.evicted.add_metric([], self.tenants.evicted)
+        yield from families
+
+
+class _Families(NamedTuple):
+    """This collector's families, in exposition order."""
+
+    attempts: CounterMetricFamily
+    vectors: CounterMetricFamily
+    duration: HistogramMetricFamily
+    wait: HistogramMetricFamily
+    received: CounterMetricFamily
+    dropped: CounterMetricFamily
+    folded: GaugeMetricFamily
+    evicted: CounterMetricFamily
 
 
 def _exemplar(value: _Exemplar | None) -> Exemplar | None:

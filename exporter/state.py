@@ -29,8 +29,6 @@ from jobs.store import JobStore
 
 log = logging.getLogger(__name__)
 _STUCK_STATUSES = (JobStatus.PENDING.value, JobStatus.PROCESSING.value)
-_QUEUE_STATES = ("active", "scheduled", "dead_letter")
-_READ_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 # Returns {"active": n, "scheduled": n, "dead_letter": n} for the queue.
 DepthSource = Callable[[], Awaitable[Mapping[str, int]]]
@@ -80,34 +78,27 @@ class StateCollector(Collector):
         self._wake_store = asyncio.Event()
         self._wake_depth = asyncio.Event()
         self._duration = Histogram(
-            m.REFRESH_DURATION,
-            "Time taken to read state metrics from the store.",
-            unit=m.SECONDS,
-            buckets=_READ_BUCKETS,
-            registry=None,
+            m.REFRESH_DURATION, m.REFRESH_DURATION_HELP, unit=m.SECONDS, buckets=m.READ_BUCKETS, registry=None
         )
-        self._errors = Counter(
-            m.REFRESH_ERRORS, "Failed or timed-out reads of state metrics from the store.", registry=None
-        )
-        self._last_success = Gauge(
-            m.REFRESH_LAST_SUCCESS,
-            "Unix time of the last successful read of state metrics.",
-            unit=m.SECONDS,
-            registry=None,
-        )
+        self._errors = Counter(m.REFRESH_ERRORS, m.REFRESH_ERRORS_HELP, registry=None)
+        self._last_success = Gauge(m.REFRESH_LAST_SUCCESS, m.REFRESH_LAST_SUCCESS_HELP, unit=m.SECONDS, registry=None)
         own: list[Counter | Gauge | Histogram] = [self._duration, self._errors, self._last_success]
-        # Labelled by queue so the alerts on them can name it; only made when there is a queue to read.
+        # Only served when there is a queue to read.
         depth_duration = Histogram(
             m.QUEUE_DEPTH_DURATION,
             m.QUEUE_DEPTH_DURATION_HELP,
-            ["queue"],
+            m.QUEUE_DEPTH_LABELS,
             unit=m.SECONDS,
-            buckets=_READ_BUCKETS,
+            buckets=m.READ_BUCKETS,
             registry=None,
         )
-        depth_errors = Counter(m.QUEUE_DEPTH_ERRORS, m.QUEUE_DEPTH_ERRORS_HELP, ["queue"], registry=None)
+        depth_errors = Counter(m.QUEUE_DEPTH_ERRORS, m.QUEUE_DEPTH_ERRORS_HELP, m.QUEUE_DEPTH_LABELS, registry=None)
         depth_last_success = Gauge(
-            m.QUEUE_DEPTH_LAST_SUCCESS, m.QUEUE_DEPTH_LAST_SUCCESS_HELP, ["queue"], unit=m.SECONDS, registry=None
+            m.QUEUE_DEPTH_LAST_SUCCESS,
+            m.QUEUE_DEPTH_LAST_SUCCESS_HELP,
+            m.QUEUE_DEPTH_LABELS,
+            unit=m.SECONDS,
+            registry=None,
         )
         self._depth_duration = depth_duration.labels(queue_name)
         self._depth_errors = depth_errors.labels(queue_name)
@@ -257,23 +248,26 @@ class StateCollector(Collector):
         depth = self.depth
         if depth is not None:
             ex.header(out, m.QUEUE_MESSAGES, m.QUEUE_MESSAGES_HELP, "gauge", openmetrics)
-            for state in _QUEUE_STATES:
+            for state in m.QUEUE_STATES:
                 fragment = ex.label_pairs(queue=self.queue_name, state=state)
                 out.append(f"{m.QUEUE_MESSAGES}{{{fragment}}} {ex.number(depth.get(state, 0))}\n")
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        """Every family this collector can serve, leader or not, so the registry can refuse duplicate names."""
+        jobs, stuck, oldest, messages = _new_families()
+        yield from (jobs, stuck, oldest)
+        if self.depth_source is not None:
+            yield messages
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """The same gauges as standard metric families (for registry readers; slower than render)."""
         if not self.is_leader():
             return
         families = self._families()
-        jobs = GaugeMetricFamily(m.JOBS, m.JOBS_HELP, labels=["tenant", "status"])
+        jobs, stuck, oldest, messages = _new_families()
         for (tenant, status_name), value in families.jobs.items():
             jobs.add_metric([tenant, status_name], value)
         yield jobs
-        stuck = GaugeMetricFamily(m.JOBS_STUCK, m.JOBS_STUCK_HELP, labels=["tenant", "status"])
-        oldest = GaugeMetricFamily(
-            m.JOBS_STUCK_OLDEST, m.JOBS_STUCK_OLDEST_HELP, labels=["tenant", "status"], unit=m.SECONDS
-        )
         for (tenant, status_name), (stuck_count, age) in families.stuck.items():
             stuck.add_metric([tenant, status_name], stuck_count)
             oldest.add_metric([tenant, status_name], age)
@@ -281,10 +275,19 @@ class StateCollector(Collector):
         yield oldest
         depth = self.depth
         if depth is not None:
-            messages = GaugeMetricFamily(m.QUEUE_MESSAGES, m.QUEUE_MESSAGES_HELP, labels=["queue", "state"])
-            for state in _QUEUE_STATES:
+            for state in m.QUEUE_STATES:
                 messages.add_metric([self.queue_name, state], depth.get(state, 0))
             yield messages
+
+
+def _new_families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+    """Empty families for jobs, stuck jobs, the oldest stuck job's age, and queue messages."""
+    return (
+        GaugeMetricFamily(m.JOBS, m.JOBS_HELP, labels=m.JOBS_LABELS),
+        GaugeMetricFamily(m.JOBS_STUCK, m.JOBS_STUCK_HELP, labels=m.JOBS_LABELS),
+        GaugeMetricFamily(m.JOBS_STUCK_OLDEST, m.JOBS_STUCK_OLDEST_HELP, labels=m.JOBS_LABELS, unit=m.SECONDS),
+        GaugeMetricFamily(m.QUEUE_MESSAGES, m.QUEUE_MESSAGES_HELP, labels=m.QUEUE_MESSAGES_LABELS),
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -86,16 +86,27 @@ class WorkerHealth(Collector):
             out[worker] = {k: float(v) for k, v in read().items()}
         return out
 
+    def describe(self) -> Iterator[Metric]:
+        """Every family this collector serves, so the registry can refuse duplicate names."""
+        yield from _new_families()
+
     def collect(self) -> Iterator[Metric]:
         """One family per tracker counter and gauge, a series per worker; every counter from 0."""
         readings = sorted(self.readings().items())
-        for name in attr.TRACKING_COUNTERS:
-            family = CounterMetricFamily(m.WORKER_TRACKING + name, m.WORKER_TRACKING_HELP[name], labels=["worker"])
+        names = (*attr.TRACKING_COUNTERS, *attr.TRACKING_GAUGES)
+        for name, family in zip(names, _new_families(), strict=True):
             for worker, values in readings:
                 family.add_metric([worker], values.get(name, 0.0))
             yield family
-        for name in attr.TRACKING_GAUGES:
-            gauge = GaugeMetricFamily(m.WORKER_TRACKING + name, m.WORKER_TRACKING_HELP[name], labels=["worker"])
-            for worker, values in readings:
-                gauge.add_metric([worker], values.get(name, 0.0))
-            yield gauge
+
+
+def _new_families() -> list[CounterMetricFamily | GaugeMetricFamily]:
+    """Empty families of the tracker's counters, then its gauges."""
+    families: list[CounterMetricFamily | GaugeMetricFamily] = []
+    for name in attr.TRACKING_COUNTERS:
+        help_text = m.WORKER_TRACKING_HELP[name]
+        families.append(CounterMetricFamily(m.WORKER_TRACKING + name, help_text, labels=m.WORKER_TRACKING_LABELS))
+    for name in attr.TRACKING_GAUGES:
+        help_text = m.WORKER_TRACKING_HELP[name]
+        families.append(GaugeMetricFamily(m.WORKER_TRACKING + name, help_text, labels=m.WORKER_TRACKING_LABELS))
+    return families

@@ -13,14 +13,8 @@ from azure.cosmos.exceptions import (
     CosmosResourceNotFoundError,
 )
 
-from jobs.cosmos_setup import (
-    DEFAULT_LEASES_CONTAINER,
-    CosmosConnection,
-    leases_container_spec,
-    on_client,
-    open_container,
-    unavailable_errors,
-)
+from jobs.cosmos_containers import DEFAULT_LEASES_CONTAINER, leases_container_spec
+from jobs.cosmos_setup import CosmosConnection, open_containers, unavailable_errors
 from jobs.lease import LeaseRecord
 from jobs.model import format_time, parse_time, utcnow
 
@@ -58,9 +52,14 @@ class CosmosLeaseBackend:
         create_if_missing: bool = False,
     ) -> Self:
         """Open the leases container on client, or on a client for endpoint."""
-        spec = leases_container_spec(container)
-        (proxy, _), connection = await on_client(
-            client, endpoint, key, credential, lambda c: open_container(c, database, spec, create=create_if_missing)
+        [(proxy, _)], connection = await open_containers(
+            [leases_container_spec(container)],
+            database=database,
+            client=client,
+            endpoint=endpoint,
+            key=key,
+            credential=credential,
+            create=create_if_missing,
         )
         return cls(proxy, connection=connection)
 

@@ -2,17 +2,19 @@
 
 Clients come from `connect`: an account key, or else Microsoft Entra ID
 (DefaultAzureCredential), with the SDK's retry options for throttling set
-explicitly (see THROTTLE_RETRIES). `init_db` creates the database and the
-containers idempotently and is what `embedding-jobs init-db` runs.
+explicitly (see THROTTLE_RETRIES). `ensure_container` creates a container as its
+ContainerSpec says, or brings it up to it; `open_containers` is how every Cosmos
+store opens its containers, on a shared client or on a connection of its own.
+Which containers exist is said by their specs (jobs/cosmos_containers.py and the
+shard store's); `embedding-jobs init-db` creates them all.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.exceptions import (
@@ -31,9 +33,6 @@ from azure.cosmos.exceptions import (
 )
 
 from jobs.errors import StoreUnavailableError
-from jobs.settings import Settings
-
-T = TypeVar("T")
 
 # A throttled (429) request was not executed, so the SDK retries it, reads or writes alike,
 # waiting as long as the service's retry-after asks. These are the SDK defaults, set here
@@ -41,49 +40,12 @@ T = TypeVar("T")
 THROTTLE_RETRIES: Final = 9
 THROTTLE_MAX_WAIT_SECONDS: Final = 30
 
-DEFAULT_LEASES_CONTAINER: Final = "leases"
 # Statuses that mean "the service cannot serve this now"; the caller may try again later.
 # 401/403 are here too: a store we may not use is unavailable until the credential is fixed.
 _UNAVAILABLE_STATUS: Final = frozenset({401, 403, 408, 429, 449})
 
 ASC: Final = "ascending"
 DESC: Final = "descending"
-
-
-def _composite(*paths: tuple[str, str]) -> list[dict[str, str]]:
-    return [{"path": f"/{name}", "order": order} for name, order in paths]
-
-
-# Each composite index serves one query of jobs/cosmos_store.py. Equality filters lead,
-# and the ORDER BY repeats them, so the index serves filter and order together.
-JOBS_COMPOSITE_INDEXES: Final = [
-    # list(status=...): the design's (tenantId, status, createdAt DESC), plus id for a total order.
-    _composite(("tenantId", ASC), ("status", ASC), ("createdAt", DESC), ("id", DESC)),
-    # list() without a status: job documents of the tenant, newest first.
-    _composite(("tenantId", ASC), ("type", ASC), ("createdAt", DESC), ("id", DESC)),
-    # A shard's jobs, latest first (from the design; for lookups by shard).
-    _composite(("tenantId", ASC), ("shardId", ASC), ("updatedAt", DESC)),
-    # stuck(): status IN (...) AND updatedAt < cutoff, across tenants.
-    _composite(("type", ASC), ("status", ASC), ("updatedAt", ASC)),
-    # purge(): finished jobs with completedAt < cutoff.
-    _composite(("type", ASC), ("status", ASC), ("completedAt", ASC)),
-]
-JOBS_INDEXING_POLICY: Final = {
-    "indexingMode": "consistent",
-    "automatic": True,
-    "includedPaths": [{"path": "/*"}],
-    # Never filtered on: indexing them would only add to the cost of every write.
-    "excludedPaths": [{"path": '/"_etag"/?'}, {"path": "/error/?"}, {"path": "/metadata/*"}],
-    "compositeIndexes": JOBS_COMPOSITE_INDEXES,
-}
-# Shards are only read by id and through the change feed: index just the few scalar fields,
-# never the text or the vectors, which would make every write expensive.
-SHARDS_INDEXING_POLICY: Final = {
-    "indexingMode": "consistent",
-    "automatic": True,
-    "includedPaths": [{"path": "/tenantId/?"}, {"path": "/type/?"}, {"path": "/updatedAt/?"}],
-    "excludedPaths": [{"path": "/*"}],
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,22 +60,6 @@ class ContainerSpec:
     @property
     def composite_indexes(self) -> list[list[dict[str, str]]]:
         return list((self.indexing_policy or {}).get("compositeIndexes", []))
-
-
-def jobs_container_spec(name: str, retention: timedelta | None) -> ContainerSpec:
-    """The job container: per tenant, composite indexes, TTL on (-1) only when retention is set."""
-    # -1 switches TTL on without expiring anything by default: only finished jobs carry a ttl.
-    return ContainerSpec(name, "/tenantId", JOBS_INDEXING_POLICY, -1 if retention else None)
-
-
-def shards_container_spec(name: str) -> ContainerSpec:
-    """The shard container: per tenant, scalar fields indexed only."""
-    return ContainerSpec(name, "/tenantId", SHARDS_INDEXING_POLICY)
-
-
-def leases_container_spec(name: str) -> ContainerSpec:
-    """The feeder's state: small documents read by id, each its own partition."""
-    return ContainerSpec(name, "/id")
 
 
 def is_unavailable(exc: BaseException) -> bool:
@@ -281,72 +227,30 @@ async def open_container(
     return container, properties
 
 
-async def init_db(
-    client: CosmosClient,
-    database: str,
-    jobs_container: str,
-    shards_container: str,
+async def open_containers(
+    specs: Sequence[ContainerSpec],
     *,
-    retention: timedelta | None,
-    leases_container: str = DEFAULT_LEASES_CONTAINER,
-) -> list[str]:
-    """Create the database and the job, shard and feeder-lease containers if missing; say what was done."""
-    db, line = await ensure_database(client, database)
-    lines = [line]
-    for spec in (
-        jobs_container_spec(jobs_container, retention),
-        shards_container_spec(shards_container),
-        leases_container_spec(leases_container),
-    ):
-        _, line = await ensure_container(db, spec)
-        lines.append(line)
-    return lines
+    database: str,
+    client: CosmosClient | None = None,
+    endpoint: str = "",
+    key: str = "",
+    credential: AsyncTokenCredential | None = None,
+    create: bool = False,
+    verify: bool = True,
+) -> tuple[list[tuple[ContainerProxy, dict[str, Any]]], CosmosConnection | None]:
+    """The containers of specs (with open_container's properties) on client, or on a new connection to endpoint.
 
-
-def retention_of(settings: Settings) -> timedelta | None:
-    """settings.retention_hours as a timedelta, None when finished jobs are kept."""
-    return timedelta(hours=settings.retention_hours) if settings.retention_hours > 0 else None
-
-
-async def on_client(
-    client: CosmosClient | None,
-    endpoint: str,
-    key: str,
-    credential: AsyncTokenCredential | None,
-    setup: Callable[[CosmosClient], Awaitable[T]],
-) -> tuple[T, CosmosConnection | None]:
-    """Run setup on client, or on a new connection to endpoint that is returned to its new owner.
-
-    A connection opened here is closed again if setup fails.
+    A connection opened here is returned to its new owner (the caller closes it), and closed
+    again if a container cannot be opened.
     """
     connection = None
     if client is None:
         connection = await connect(endpoint, key, credential=credential)
         client = connection.client
     try:
-        return await setup(client), connection
+        opened = [await open_container(client, database, spec, create=create, verify=verify) for spec in specs]
     except BaseException:
         if connection is not None:
             await connection.close()
         raise
-
-
-async def connect_from(settings: Settings) -> CosmosConnection:
-    """A connection to the account the settings name."""
-    return await connect(settings.cosmos_endpoint, settings.cosmos_key)
-
-
-async def run_init_db(settings: Settings) -> list[str]:
-    """`embedding-jobs init-db`: set up the database and containers the settings name."""
-    connection = await connect_from(settings)
-    try:
-        return await init_db(
-            connection.client,
-            settings.cosmos_database,
-            settings.cosmos_container,
-            settings.cosmos_shards_container,
-            retention=retention_of(settings),
-            leases_container=settings.cosmos_leases_container,
-        )
-    finally:
-        await connection.close()
+    return opened, connection

@@ -43,7 +43,8 @@ from azure.cosmos.exceptions import (
     CosmosResourceNotFoundError,
 )
 
-from jobs.cosmos_setup import CosmosConnection, jobs_container_spec, on_client, open_container, unavailable_errors
+from jobs.cosmos_containers import jobs_container_spec
+from jobs.cosmos_setup import CosmosConnection, open_containers, unavailable_errors
 from jobs.errors import InvalidJobError, JobNotFoundError, StoreUnavailableError, TransitionConflictError
 from jobs.model import (
     TERMINAL,
@@ -162,13 +163,15 @@ class CosmosJobStore:
         verify=False opens it without reading the container, for a worker starting while the
         store is unavailable.
         """
-        spec = jobs_container_spec(container, retention)
-        (proxy, properties), connection = await on_client(
-            client,
-            endpoint,
-            key,
-            credential,
-            lambda c: open_container(c, database, spec, create=create_if_missing, verify=verify),
+        [(proxy, properties)], connection = await open_containers(
+            [jobs_container_spec(container, retention)],
+            database=database,
+            client=client,
+            endpoint=endpoint,
+            key=key,
+            credential=credential,
+            create=create_if_missing,
+            verify=verify,
         )
         if verify and retention and properties.get("defaultTtl") is None:
             log.warning(

@@ -64,7 +64,9 @@ class Settings:
     embedder: str = _opt(
         "hashing", "embedding backend", "embedder", choices=("hashing", "openai", "sentence-transformers")
     )
-    embedding_dimensions: int = _opt(256, "vector size (hashing; optional for openai)", "embedder")
+    embedding_dimensions: int = _opt(
+        256, "vector size of the hashing embedder (the other embedders use their model's own size)", "embedder"
+    )
     openai_endpoint: str = _opt("", "OpenAI-compatible or Azure OpenAI endpoint", "embedder")
     openai_api_key: str = _opt("", "API key for the embeddings endpoint", "embedder", secret=True)
     openai_model: str = _opt("text-embedding-3-small", "model, or Azure deployment name", "embedder")

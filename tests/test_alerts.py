@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from alerts import build
+from alerts import dashboard_uids as uids
 from alerts.build import (
     CHART_PARAMS,
     PLACEHOLDERS,
@@ -21,7 +22,6 @@ from alerts.build import (
     rule_groups,
     seconds,
 )
-from dashboards import uids
 from tests.components import require_binary
 from tests.prometheus_stack import INSTALL_HINT
 from tests.test_dashboards import known_series, metric_names

@@ -9,8 +9,15 @@ import sys
 import time
 from pathlib import Path
 
+from embedding_jobs.backends import open_backends
+from embedding_jobs.cosmos import run_init_db
+from jobs.cosmos_store import CosmosJobStore
+from jobs.settings import Settings
+from tests.components import wait_until
 from tests.conftest import CosmosDatabase
 from tests.test_cli import cli_env, run_cli
+from worker.cosmos_feed import CosmosShardFeed
+from worker.cosmos_shards import CosmosShardStore
 from worker.shards import Shard, SQLiteShardStore
 
 
@@ -77,3 +84,63 @@ async def test_feeder_enqueues_shards_written_to_the_local_store(tmp_path: Path)
     assert work.returncode == 0, work.stderr
     final = run_cli(tmp_path, "jobs", "stats", "--tenant", "acme", "--output", "json")
     assert json.loads(final.stdout)["acme"]["completed"] == 3
+
+
+async def test_the_feeder_keeps_its_state_in_the_configured_leases_container(
+    tmp_path: Path, cosmos_db: CosmosDatabase
+) -> None:
+    env = {**cosmos_env(cosmos_db), "EMBEDDING_JOBS_COSMOS_LEASES_CONTAINER": "feeder-state"}
+    init = run_cli(tmp_path, "init-db", **env)
+    assert init.returncode == 0, init.stderr
+    shards = await CosmosShardStore.open(client=cosmos_db.client, database=cosmos_db.name)
+    for n in range(2):
+        await shards.put(Shard(tenant_id="acme", id=f"s{n}", shard_type_id="document", text=f"text {n}"))
+    database = cosmos_db.client.get_database_client(cosmos_db.name)
+    state = database.get_container_client("feeder-state")
+
+    async def state_ids() -> list[str]:
+        return sorted([doc["id"] async for doc in state.query_items("SELECT c.id FROM c")])
+
+    feeder = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "embedding_jobs",
+        "feeder",
+        "--poll-interval",
+        "0.05",
+        env=cli_env(tmp_path, **env),
+        stderr=subprocess.PIPE,
+    )
+    try:
+
+        async def fed() -> bool:
+            # A feeder that exits on its own is reported below, with its error.
+            return feeder.returncode is not None or "feeder:position" in await state_ids()
+
+        await wait_until(fed, "the feeder to record its position", within=30)
+    finally:
+        if feeder.returncode is None:
+            feeder.terminate()
+        _, err = await asyncio.wait_for(feeder.communicate(), 20)
+    assert feeder.returncode == 0, err.decode()
+    assert await state_ids() == ["feeder:acme:s0", "feeder:acme:s1", "feeder:position"]
+    assert "leases" not in [container["id"] async for container in database.list_containers()]
+    listed = run_cli(tmp_path, "jobs", "list", "--tenant", "acme", "--output", "json", **env)
+    assert sorted(json.loads(line)["shardId"] for line in listed.stdout.splitlines()) == ["s0", "s1"]
+
+
+async def test_the_feed_shares_the_client_the_stores_opened(tmp_path: Path, cosmos_db: CosmosDatabase) -> None:
+    settings = Settings(
+        store="cosmos",
+        cosmos_endpoint=cosmos_db.server.endpoint,
+        cosmos_key=cosmos_db.server.key,
+        cosmos_database=cosmos_db.name,
+        cosmos_leases_container="feeder-state",
+        data_dir=tmp_path,
+    )
+    await run_init_db(settings)
+    async with open_backends(settings, feed=True) as backends:
+        assert isinstance(backends.feed, CosmosShardFeed)
+        assert isinstance(backends.store, CosmosJobStore)
+        assert backends.feed.leases.id == "feeder-state"
+        assert backends.feed.shards.client_connection is backends.store.container.client_connection

@@ -14,14 +14,9 @@ from azure.core.exceptions import ServiceRequestError, ServiceResponseError
 from azure.cosmos import PartitionKey
 from azure.cosmos.exceptions import CosmosHttpResponseError, CosmosResourceNotFoundError
 
-from jobs.cosmos_setup import (
-    JOBS_COMPOSITE_INDEXES,
-    THROTTLE_MAX_WAIT_SECONDS,
-    THROTTLE_RETRIES,
-    init_db,
-    is_unavailable,
-    run_init_db,
-)
+from embedding_jobs.cosmos import init_db, run_init_db
+from jobs.cosmos_containers import JOBS_COMPOSITE_INDEXES
+from jobs.cosmos_setup import THROTTLE_MAX_WAIT_SECONDS, THROTTLE_RETRIES, is_unavailable
 from jobs.cosmos_store import COUNTERS_ID, MAX_BATCH_OPERATIONS, CosmosJobStore
 from jobs.errors import JobNotFoundError, StoreUnavailableError
 from jobs.model import Job, JobStatus
@@ -179,7 +174,7 @@ async def test_the_counter_document_is_never_listed_or_read_as_a_job(store: Cosm
 
 
 async def test_init_db_is_idempotent_and_the_indexes_read_back(cosmos_db: CosmosDatabase) -> None:
-    args = (cosmos_db.client, cosmos_db.name, "jobs", "shards")
+    args = (cosmos_db.client, cosmos_db.name, "jobs", "shards", "leases")
     first = await init_db(*args, retention=timedelta(days=7))
     again = await init_db(*args, retention=timedelta(days=7))
 
@@ -206,7 +201,7 @@ async def test_init_db_brings_an_older_container_up_to_date(cosmos_db: CosmosDat
     database = await cosmos_db.client.create_database(cosmos_db.name)
     await database.create_container("jobs", PartitionKey("/tenantId"))
 
-    lines = await init_db(cosmos_db.client, cosmos_db.name, "jobs", "shards", retention=timedelta(days=1))
+    lines = await init_db(cosmos_db.client, cosmos_db.name, "jobs", "shards", "leases", retention=timedelta(days=1))
 
     assert lines[1] == f"updated container jobs: added {len(JOBS_COMPOSITE_INDEXES)} composite index(es), " + (
         "turned on per-item TTL"
@@ -220,7 +215,7 @@ async def test_init_db_refuses_a_container_partitioned_otherwise(cosmos_db: Cosm
     database = await cosmos_db.client.create_database(cosmos_db.name)
     await database.create_container("jobs", PartitionKey("/id"))
     with pytest.raises(ValueError, match="partition key cannot be changed"):
-        await init_db(cosmos_db.client, cosmos_db.name, "jobs", "shards", retention=None)
+        await init_db(cosmos_db.client, cosmos_db.name, "jobs", "shards", "leases", retention=None)
 
 
 async def test_run_init_db_uses_the_settings(cosmos_db: CosmosDatabase) -> None:
@@ -335,7 +330,7 @@ def test_transient_errors_map_to_store_unavailable(error: Exception, unavailable
 async def test_retention_on_a_container_with_ttl_off_is_reported(
     cosmos_db: CosmosDatabase, caplog: pytest.LogCaptureFixture
 ) -> None:
-    await init_db(cosmos_db.client, cosmos_db.name, "embedding-jobs", "shards", retention=None)
+    await init_db(cosmos_db.client, cosmos_db.name, "embedding-jobs", "shards", "leases", retention=None)
     async with await CosmosJobStore.open(client=cosmos_db.client, database=cosmos_db.name, retention=timedelta(days=1)):
         pass
     assert "finished jobs will not expire: run `embedding-jobs init-db`" in caplog.text

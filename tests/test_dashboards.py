@@ -13,8 +13,9 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from alerts import dashboard_uids as uids
 from alerts.build import RuleParams, recording_rules
-from dashboards import build, uids
+from dashboards import build
 from dashboards.params import DashboardParams
 from exporter.spanmetrics import SpanMetrics
 from exporter.state import StateCollector

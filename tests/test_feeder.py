@@ -16,13 +16,16 @@ from pathlib import Path
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
-from jobs.cosmos_setup import init_db
+from embedding_jobs.backends import open_feed
+from embedding_jobs.cosmos import init_db
 from jobs.model import JobStatus, format_time, utcnow
 from jobs.settings import Settings
 from jobs.sqlite_store import SQLiteJobStore
 from tests.cosmos_server import CosmosServer, cosmos_client
-from worker.cosmos_shards import CosmosShardFeed, CosmosShardStore
-from worker.feeder import Feeder, ShardFeed, run_feeder
+from worker.cosmos_feed import CosmosShardFeed
+from worker.cosmos_shards import CosmosShardStore
+from worker.feed import ShardFeed
+from worker.feeder import Feeder, run_feeder
 from worker.local_feed import LocalShardFeed
 from worker.local_queue import LocalQueue
 from worker.producer import Producer, job_id_for
@@ -124,7 +127,7 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E
             await stack.enter_async_context(client)
             name = f"test-{uuid.uuid4().hex}"
             stack.push_async_callback(client.delete_database, name)
-            await init_db(client, name, "embedding-jobs", "shards", retention=None)
+            await init_db(client, name, "embedding-jobs", "shards", "leases", retention=None)
             cosmos_shards = await CosmosShardStore.open(client=client, database=name)
 
             async def open_cosmos() -> ShardFeed:
@@ -242,8 +245,10 @@ async def test_saving_vectors_makes_no_job(env: Env) -> None:
 
 
 async def test_run_feeder_follows_the_configured_store_until_stopped(env: Env) -> None:
+    feed = await open_feed(env.settings)
+    env.feeds.append(feed)
     stop = asyncio.Event()
-    task = asyncio.create_task(run_feeder(env.settings, env.producer, stop, interval=0.02))
+    task = asyncio.create_task(run_feeder(feed, env.producer, stop, interval=0.02))
     try:
         await env.shards.put(shard())
         deadline = time.monotonic() + 10

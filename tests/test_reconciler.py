@@ -7,6 +7,7 @@ from pathlib import Path
 from jobs.model import Job, JobStatus, utcnow
 from jobs.sqlite_store import SQLiteJobStore
 from tests.components import wait_for
+from worker.consumer import REASON_PERMANENT
 from worker.local_queue import LocalQueue
 from worker.messages import JobMessage
 from worker.reconciler import reconcile_dead_letters
@@ -62,7 +63,8 @@ async def test_a_message_sent_before_a_manual_retry_does_not_dead_letter_the_ret
         assert first.message_id == "retried"
         await store.transition("acme", "retried", S.PENDING, S.PROCESSING)
         await store.transition("acme", "retried", S.PROCESSING, S.DEAD_LETTERED, error="gave up")
-        await queue.dead_letter(first, "PermanentFailure", "gave up")
+        # Given up on by the queue (a worker that kept crashing on it would leave it so).
+        await queue.dead_letter(first, "MaxDeliveryCountExceeded", "gave up")
         # Job times have millisecond precision: the retry must fall in a later millisecond than the send.
         wait_for(lambda: utcnow() > first.enqueued_time, 1, "the clock to pass the message's enqueue time")
         # A manual retry: the job is pending again after its old message went to the dead-letter queue.
@@ -77,3 +79,25 @@ async def test_a_message_sent_before_a_manual_retry_does_not_dead_letter_the_ret
         assert (result.scanned, result.marked, result.superseded) == (2, 1, 1)
         assert (await store.get("acme", "retried")).status is S.PENDING
         assert (await store.get("acme", "never-ran")).status is S.DEAD_LETTERED
+
+
+async def test_a_message_the_worker_dead_lettered_never_marks_its_job_again(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    async with await SQLiteJobStore.open(db) as store, LocalQueue(db) as queue:
+        job = Job.new(job_id="retried", tenant_id="acme", shard_id="s", shard_type_id="d")
+        await store.create(job)
+        msg = JobMessage("retried", "acme", "s", "d")
+        await queue.send(msg.to_body(), message_id=msg.message_id)
+        [first] = await queue.receive(max_messages=1, max_wait=0.05)
+        # The worker records the job, then dead-letters its message.
+        await store.transition("acme", "retried", S.PENDING, S.PROCESSING)
+        await store.transition("acme", "retried", S.PROCESSING, S.DEAD_LETTERED, error="PermanentError: no")
+        await queue.dead_letter(first, REASON_PERMANENT, "PermanentError: no")
+        # Retried through the API and already taken on again by a worker when the pass runs.
+        await store.transition("acme", "retried", S.DEAD_LETTERED, S.PENDING, retry_count=0)
+        await store.transition("acme", "retried", S.PENDING, S.PROCESSING)
+
+        result = await reconcile_dead_letters(queue, store)
+
+        assert (result.scanned, result.marked, result.recorded) == (1, 0, 1)
+        assert (await store.get("acme", "retried")).status is S.PROCESSING

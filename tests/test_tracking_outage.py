@@ -32,7 +32,7 @@ from aiohttp import web
 from opentelemetry.sdk.trace import TracerProvider
 from pytest_aiohttp.plugin import AiohttpServer
 
-from jobs.cosmos_setup import init_db
+from embedding_jobs.cosmos import init_db
 from jobs.cosmos_store import CosmosJobStore
 from jobs.model import JobStatus
 from jobs.sqlite_store import SQLiteJobStore
@@ -163,7 +163,7 @@ async def rate(consumer: Consumer, seconds: float) -> float:
 async def test_embedding_goes_on_at_80_percent_through_a_job_store_outage_and_records_converge(
     mode: str, cosmos_db: CosmosDatabase, tmp_path: Path, embeddings_url: str
 ) -> None:
-    await init_db(cosmos_db.client, cosmos_db.name, JOB_CONTAINER, "shards", retention=None)
+    await init_db(cosmos_db.client, cosmos_db.name, JOB_CONTAINER, "shards", "leases", retention=None)
     async with AsyncExitStack() as stack:
         observer = await CosmosJobStore.open(client=cosmos_db.client, database=cosmos_db.name)
         queue = await LocalQueue(tmp_path / "queue.db", lock_duration=30.0).open()
@@ -351,7 +351,7 @@ async def crash_mid_outage(
 async def test_a_worker_killed_mid_outage_and_restarted_loses_no_record(
     mode: str, cosmos_db: CosmosDatabase, tmp_path: Path, embeddings_url: str, workers: list[WorkerProcess]
 ) -> None:
-    await init_db(cosmos_db.client, cosmos_db.name, JOB_CONTAINER, "shards", retention=None)
+    await init_db(cosmos_db.client, cosmos_db.name, JOB_CONTAINER, "shards", "leases", retention=None)
     observer = await CosmosJobStore.open(client=cosmos_db.client, database=cosmos_db.name)
     expected: dict[str, int] = {}
     async with LocalQueue(tmp_path / "embedding-jobs.db") as queue:

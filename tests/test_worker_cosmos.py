@@ -14,8 +14,8 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from embedding_jobs.cosmos import init_db
 from jobs import telemetry as attr
-from jobs.cosmos_setup import init_db
 from jobs.cosmos_store import CosmosJobStore
 from jobs.errors import JobNotFoundError
 from jobs.model import Job, JobStatus
@@ -24,7 +24,8 @@ from tests.components import wait_until
 from tests.conftest import CosmosDatabase
 from tests.pipeline import FaultyEmbedder
 from worker.consumer import Consumer, ConsumerConfig
-from worker.cosmos_shards import CosmosShardFeed, CosmosShardStore
+from worker.cosmos_feed import CosmosShardFeed
+from worker.cosmos_shards import CosmosShardStore
 from worker.feeder import Feeder
 from worker.local_queue import LocalQueue
 from worker.producer import Producer, ingest_shard, job_id_for
@@ -83,7 +84,7 @@ class CosmosPipeline:
 @pytest.fixture
 async def pipeline(cosmos_db: CosmosDatabase, tmp_path: Path) -> AsyncIterator[CosmosPipeline]:
     client, name = cosmos_db.client, cosmos_db.name
-    await init_db(client, name, "embedding-jobs", "shards", retention=None)
+    await init_db(client, name, "embedding-jobs", "shards", "leases", retention=None)
     async with AsyncExitStack() as stack:
         store = await CosmosJobStore.open(client=client, database=name)
         observer = await CosmosJobStore.open(client=client, database=name)

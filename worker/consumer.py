@@ -35,6 +35,8 @@ REASON_MALFORMED = "MalformedMessage"
 REASON_PERMANENT = "PermanentFailure"
 REASON_MAX_ATTEMPTS = "MaxAttemptsExceeded"
 REASON_JOB_DEAD_LETTERED = "JobDeadLettered"
+# The reasons the worker dead-letters a message with; it records the job before it does so.
+WORKER_REASONS = frozenset({REASON_MALFORMED, REASON_PERMANENT, REASON_MAX_ATTEMPTS, REASON_JOB_DEAD_LETTERED})
 # Dead-letter descriptions are for people reading the dead-letter queue; a bound keeps every queue able to store one.
 DESCRIPTION_MAX = 1024
 

@@ -1,4 +1,4 @@
-"""Shards on Cosmos DB: the ShardStore, and the shards container's change feed for the feeder.
+"""Shards on Cosmos DB: the ShardStore on the shards container (its change feed is worker/cosmos_feed.py).
 
 The shards container is partitioned on /tenantId. A shard is one document
 (id = shard id, `type: "shard"`, shardTypeId, text, contentHash, updatedAt).
@@ -19,33 +19,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import logging
 import sys
 import uuid
 from array import array
 from collections.abc import Sequence
 from typing import Any, Final, Self, cast
 
-from azure.core.async_paging import AsyncPageIterator
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.cosmos.aio import ContainerProxy, CosmosClient
 from azure.cosmos.exceptions import CosmosResourceNotFoundError
 
-from jobs.cosmos_setup import (
-    DEFAULT_LEASES_CONTAINER,
-    CosmosConnection,
-    leases_container_spec,
-    on_client,
-    open_container,
-    shards_container_spec,
-    unavailable_errors,
-)
+from jobs.cosmos_setup import ContainerSpec, CosmosConnection, open_containers, unavailable_errors
 from jobs.errors import JobError, StoreUnavailableError
 from jobs.model import format_time, parse_time, validate_id, validate_tenant_id
-from worker.feeder import DEFAULT_FEEDER_NAME, ChangePage
 from worker.shards import Shard, ShardNotFoundError, ShardVectors
-
-log = logging.getLogger(__name__)
 
 SHARD_TYPE: Final = "shard"
 VECTORS_TYPE: Final = "vectors"
@@ -56,6 +43,19 @@ DEFAULT_CONTAINER: Final = "shards"
 MAX_ITEM_BYTES: Final = 2 * 1024 * 1024 - 16 * 1024
 PAGE_BYTES: Final = 1024 * 1024
 _READ_ATTEMPTS: Final = 3
+# Shards are only read by id and through the change feed: index just the few scalar fields,
+# never the text or the vectors, which would make every write expensive.
+SHARDS_INDEXING_POLICY: Final = {
+    "indexingMode": "consistent",
+    "automatic": True,
+    "includedPaths": [{"path": "/tenantId/?"}, {"path": "/type/?"}, {"path": "/updatedAt/?"}],
+    "excludedPaths": [{"path": "/*"}],
+}
+
+
+def shards_container_spec(name: str) -> ContainerSpec:
+    """The shard container: per tenant, scalar fields indexed only."""
+    return ContainerSpec(name, "/tenantId", SHARDS_INDEXING_POLICY)
 
 
 def encode_vector(vector: Sequence[float]) -> str:
@@ -134,12 +134,14 @@ class CosmosShardStore:
         create_if_missing: bool = False,
     ) -> Self:
         """Open the store on client, or on a client for endpoint (key, else credential or DefaultAzureCredential)."""
-        (proxy, _), connection = await on_client(
-            client,
-            endpoint,
-            key,
-            credential,
-            lambda c: open_container(c, database, shards_container_spec(container), create=create_if_missing),
+        [(proxy, _)], connection = await open_containers(
+            [shards_container_spec(container)],
+            database=database,
+            client=client,
+            endpoint=endpoint,
+            key=key,
+            credential=credential,
+            create=create_if_missing,
         )
         return cls(proxy, connection=connection)
 
@@ -259,139 +261,3 @@ class CosmosShardStore:
                 vectors=[decode_vector(text) for page in pages for text in page["vectors"]],
             )
         raise StoreUnavailableError(f"the vectors of shard {shard_id} kept changing while being read")
-
-
-_UNREAD: Final = object()
-
-
-class CosmosShardFeed:
-    """The shards container's change feed; position and enqueued hashes in the leases container."""
-
-    def __init__(
-        self,
-        shards: ContainerProxy,
-        leases: ContainerProxy,
-        *,
-        name: str = DEFAULT_FEEDER_NAME,
-        connection: CosmosConnection | None = None,
-    ) -> None:
-        self.shards = shards
-        self.leases = leases
-        self.name = name
-        self._connection = connection
-        self._position: object = _UNREAD
-        self.round_trips = 0
-
-    @classmethod
-    async def open(
-        cls,
-        *,
-        endpoint: str = "",
-        key: str = "",
-        credential: AsyncTokenCredential | None = None,
-        client: CosmosClient | None = None,
-        database: str = DEFAULT_DATABASE,
-        shards_container: str = DEFAULT_CONTAINER,
-        leases_container: str = DEFAULT_LEASES_CONTAINER,
-        name: str = DEFAULT_FEEDER_NAME,
-        create_if_missing: bool = False,
-    ) -> Self:
-        """Open the feed named name on client, or on a client for endpoint."""
-
-        async def setup(c: CosmosClient) -> tuple[ContainerProxy, ContainerProxy]:
-            shards, _ = await open_container(
-                c, database, shards_container_spec(shards_container), create=create_if_missing
-            )
-            leases, _ = await open_container(
-                c, database, leases_container_spec(leases_container), create=create_if_missing
-            )
-            return shards, leases
-
-        (shards, leases), connection = await on_client(client, endpoint, key, credential, setup)
-        return cls(shards, leases, name=name, connection=connection)
-
-    async def close(self) -> None:
-        """Close the client if this feed opened it."""
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            await connection.close()
-
-    def _count(self, _response: object) -> None:
-        self.round_trips += 1
-
-    async def _lease(self, lease_id: str) -> dict[str, Any] | None:
-        try:
-            with unavailable_errors("read feeder lease"):
-                return dict(
-                    await self.leases.read_item(lease_id, partition_key=lease_id, raw_response_hook=self._count)
-                )
-        except CosmosResourceNotFoundError:
-            return None
-
-    async def _put_lease(self, doc: dict[str, Any]) -> None:
-        with unavailable_errors("write feeder lease"):
-            await self.leases.upsert_item(doc, raw_response_hook=self._count)
-
-    @property
-    def _position_id(self) -> str:
-        return f"{self.name}:position"
-
-    async def read(self, max_items: int) -> ChangePage:
-        """The next page of the change feed after the persisted continuation (from the beginning at first)."""
-        if self._position is _UNREAD:
-            lease = await self._lease(self._position_id)
-            self._position = None if lease is None else lease["continuation"]
-        options: dict[str, Any] = {"max_item_count": max_items}
-        if isinstance(self._position, str):
-            options["continuation"] = self._position
-        else:
-            options["start_time"] = "Beginning"
-        with unavailable_errors("read the change feed"):
-            pages = cast(
-                AsyncPageIterator[Any],
-                self.shards.query_items_change_feed(raw_response_hook=self._count, **options).by_page(),
-            )
-            try:
-                page = await anext(pages)
-            except StopAsyncIteration:
-                return ChangePage((), None)
-            docs = [doc async for doc in page]
-            position = pages.continuation_token
-        if not docs:
-            return ChangePage((), None)
-        if not position:
-            # Going on without a position would re-read these changes forever: say so instead.
-            raise StoreUnavailableError("cosmos: the change feed returned changes without a continuation")
-        shards = []
-        for doc in docs:
-            # Vector documents share the container; only shard documents make jobs.
-            if doc.get("type") == SHARD_TYPE:
-                try:
-                    shards.append(shard_from_doc(doc))
-                except (JobError, KeyError) as exc:
-                    log.warning("skipping malformed shard %s: %s", doc.get("id"), exc)
-        return ChangePage(shards, position)
-
-    def _hash_id(self, tenant_id: str, shard_id: str) -> str:
-        return f"{self.name}:{tenant_id}:{shard_id}"
-
-    async def enqueued_hash(self, tenant_id: str, shard_id: str) -> str | None:
-        """The hash last enqueued for the shard: a point read in the leases container."""
-        lease = await self._lease(self._hash_id(tenant_id, shard_id))
-        return None if lease is None else str(lease["contentHash"])
-
-    async def record(self, shard: Shard) -> None:
-        """Remember the shard's hash as enqueued."""
-        await self._put_lease(
-            {
-                "id": self._hash_id(shard.tenant_id, shard.id),
-                "tenantId": shard.tenant_id,
-                "shardId": shard.id,
-                "contentHash": shard.content_hash,
-            }
-        )
-
-    async def advance(self, position: str) -> None:
-        """Persist the change feed continuation."""
-        await self._put_lease({"id": self._position_id, "continuation": position})
-        self._position = position

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 
-class AttemptError(Exception):
-    """An attempt at a job failed."""
-
-
-class RetryableError(AttemptError):
+class RetryableError(Exception):
     """A transient failure (429, 5xx, timeout, store hiccup): retry with backoff."""
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
@@ -15,5 +11,5 @@ class RetryableError(AttemptError):
         self.retry_after = retry_after
 
 
-class PermanentError(AttemptError):
+class PermanentError(Exception):
     """A failure that retrying cannot fix (missing shard, 4xx): give up at once."""

@@ -15,53 +15,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from jobs.errors import JobError
-from jobs.settings import Settings
+from worker.feed import ShardFeed
 from worker.messages import JobMessage
 from worker.producer import Producer, job_id_for
 from worker.queue import QueueError
-from worker.shards import Shard
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FEEDER_NAME = "feeder"
 DEFAULT_PAGE_SIZE = 100
-
-
-@dataclass(frozen=True, slots=True)
-class ChangePage:
-    """Shards read from a feed, and the position after them (None when nothing new was read)."""
-
-    shards: Sequence[Shard]
-    position: str | None
-
-
-class ShardFeed(Protocol):
-    """Changed shards in write order, plus the feeder's persisted position and per-shard hashes."""
-
-    async def read(self, max_items: int) -> ChangePage:
-        """Up to max_items changes after the persisted position (not advancing it)."""
-        ...
-
-    async def enqueued_hash(self, tenant_id: str, shard_id: str) -> str | None:
-        """The content hash last enqueued for the shard, None if never."""
-        ...
-
-    async def record(self, shard: Shard) -> None:
-        """Remember shard.content_hash as enqueued."""
-        ...
-
-    async def advance(self, position: str) -> None:
-        """Persist position: the next read starts after it."""
-        ...
-
-    async def close(self) -> None:
-        """Release connections."""
-        ...
 
 
 @dataclass(slots=True)
@@ -121,34 +85,8 @@ class Feeder:
                 await asyncio.wait_for(stop.wait(), timeout=interval)
 
 
-async def open_feed(settings: Settings, name: str = DEFAULT_FEEDER_NAME) -> ShardFeed:
-    """The feed of the shard store that settings.store names."""
-    if settings.store == "cosmos":
-        # Imported here: the azure packages are an optional dependency.
-        from jobs.cosmos_setup import DEFAULT_LEASES_CONTAINER
-        from worker.cosmos_shards import CosmosShardFeed
-
-        return await CosmosShardFeed.open(
-            endpoint=settings.cosmos_endpoint,
-            key=settings.cosmos_key,
-            database=settings.cosmos_database,
-            shards_container=settings.cosmos_shards_container,
-            leases_container=DEFAULT_LEASES_CONTAINER,
-            name=name,
-        )
-    from worker.local_feed import LocalShardFeed
-
-    return await LocalShardFeed.open(settings.sqlite_path, name=name)
-
-
-async def run_feeder(
-    settings: Settings, producer: Producer, stop: asyncio.Event, *, interval: float = 1.0
-) -> FeedResult:
-    """`embedding-jobs feeder`: follow the configured shard store until stop is set; return the totals."""
-    feed = await open_feed(settings)
-    try:
-        feeder = Feeder(feed, producer)
-        await feeder.run(stop, interval)
-        return feeder.totals
-    finally:
-        await feed.close()
+async def run_feeder(feed: ShardFeed, producer: Producer, stop: asyncio.Event, *, interval: float = 1.0) -> FeedResult:
+    """Follow feed until stop is set; return the totals. The feed stays open: whoever opened it closes it."""
+    feeder = Feeder(feed, producer)
+    await feeder.run(stop, interval)
+    return feeder.totals

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Self
 
 from jobs.sqlite_db import SQLiteDatabase, transaction
-from worker.feeder import DEFAULT_FEEDER_NAME, ChangePage
+from worker.feed import DEFAULT_FEEDER_NAME, ChangePage
 from worker.shards import SCHEMA as SHARDS_SCHEMA
 from worker.shards import Shard, shard_from_row
 

@@ -10,6 +10,7 @@ from typing import Any
 from jobs import strict_json
 from jobs.errors import JobError
 from jobs.model import validate_id, validate_tenant_id
+from worker.tracing import PROPERTIES_GETTER, propagation_fields
 
 MAX_BODY_BYTES = 64 * 1024
 # A job message is one flat object; a little room is left for nested fields added later.
@@ -18,8 +19,6 @@ MAX_DEPTH = 8
 # number is a forged or corrupted message, not a job to retry.
 MAX_ATTEMPT = 10_000
 _FIELDS = ("jobId", "tenantId", "shardId", "shardTypeId")
-TRACEPARENT = "traceparent"
-TRACESTATE = "tracestate"
 
 
 class MalformedMessageError(ValueError):
@@ -98,13 +97,14 @@ def parse_message(body: bytes) -> JobMessage:
         raise MalformedMessageError(str(exc)) from exc
 
 
-def trace_carrier(properties: Mapping[str, Any]) -> dict[str, str]:
-    """The W3C trace context entries of a message's application properties."""
+def trace_carrier(properties: Mapping[Any, Any]) -> dict[str, str]:
+    """The entries of a message's application properties that the global propagator reads.
+
+    traceparent, tracestate and baggage by default; OTEL_PROPAGATORS may name others.
+    """
     carrier: dict[str, str] = {}
-    for key in (TRACEPARENT, TRACESTATE):
-        value = properties.get(key)
-        if isinstance(value, bytes):
-            value = value.decode(errors="replace")
-        if isinstance(value, str):
-            carrier[key] = value
+    for key in propagation_fields():
+        values = PROPERTIES_GETTER.get(properties, key)
+        if values:
+            carrier[key] = values[0]
     return carrier

