@@ -104,10 +104,10 @@ async def test_receive_returns_at_most_max_messages(queues: QueueBackend) -> Non
 async def test_receive_on_an_empty_queue_waits_max_wait_and_no_longer(queues: QueueBackend) -> None:
     queue = await queues.new()
     started = time.monotonic()
-    assert list(await queue.receive(max_wait=0.3)) == []
+    assert list(await queue.receive(max_wait=0.5)) == []
     elapsed = time.monotonic() - started
     # Generous above: the machine may be busy, but a receive must not sit out a fixed poll period.
-    assert 0.3 <= elapsed < 1.5, elapsed
+    assert 0.5 <= elapsed < 2.0, elapsed
 
 
 async def test_receive_returns_as_soon_as_a_message_arrives(queues: QueueBackend) -> None:
@@ -213,15 +213,15 @@ async def test_settling_a_lock_the_queue_dropped_raises_lock_lost_and_the_new_ho
 
 
 async def test_renew_lock_extends_locked_until(queues: QueueBackend) -> None:
-    queue = await queues.new(lock_duration=1.0)
+    queue = await queues.new(lock_duration=2.0)
     other = await queues.receiver(queue)
     await queue.send(b"x", message_id="m")
     message = await receive_one(queue)
-    await wait_until_past(message.locked_until - timedelta(seconds=0.5))
+    await wait_until_past(message.locked_until - timedelta(seconds=1.0))
 
     renewed = await queue.renew_lock(message)
 
-    assert renewed >= message.locked_until + timedelta(seconds=0.4)
+    assert renewed >= message.locked_until + timedelta(seconds=0.9)
     await wait_until_past(message.locked_until)
     assert list(await other.receive(max_wait=0.2)) == []
     await queue.complete(message)
