@@ -44,7 +44,7 @@ test: test-deps lint typecheck pytest
 generate: install
 	$(BIN)/python -m alerts.build
 	$(BIN)/python -m dashboards.build
-	$(BIN)/python -m tests.helm_tools sync
+	$(BIN)/python -m tools.chart_sync sync
 
 # requirements.lock: every package the image installs, its build backend included, pinned with the hashes
 # of every file on the index (uv's universal resolution, so it holds for any platform). `make lock`

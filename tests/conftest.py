@@ -1,4 +1,4 @@
-"""Shared fixtures: every JobStore backend behind one `store` fixture; the Cosmos and Service Bus test peers."""
+"""Shared fixtures: every JobStore backend behind `store`, every queue kind behind `queues`; the test peers."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from jobs.sqlite_store import SQLiteJobStore
 from jobs.store import JobStore
 from tests.components import missing
 from tests.cosmos_server import CosmosServer, CosmosServerUnavailable, cosmos_client, start_cosmos_server
+from tests.pipeline import QUEUE_KINDS
 from tests.podman_tools import (
     IMAGE_FIGURES,
     IMAGE_REPOSITORY,
@@ -25,6 +26,7 @@ from tests.podman_tools import (
     keep_cache_and_prune,
     require_podman,
 )
+from tests.queues import LocalBackend, QueueBackend, ServiceBusBackend
 from tests.servicebus_peer import ServiceBusPeer
 
 STORE_BACKENDS = ["sqlite", "cosmos"]
@@ -119,6 +121,21 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
                 await client.delete_database(name)
     else:  # pragma: no cover - a backend listed without a factory
         raise AssertionError(f"no factory for backend {backend}")
+
+
+@pytest.fixture(params=QUEUE_KINDS)
+async def queues(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[QueueBackend]:
+    """Fresh queues of each kind: the local SQLite queue and Service Bus through its test peer."""
+    backend: QueueBackend
+    if request.param == "servicebus":
+        # Looked up here, not declared, so local-only runs never start the peer.
+        backend = ServiceBusBackend(request.getfixturevalue("servicebus_peer"))
+    else:
+        backend = LocalBackend(tmp_path / "queue.db")
+    try:
+        yield backend
+    finally:
+        await backend.close()
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.components import missing
-from tests.helm_tools import REPO
+from tools.chart_sync import REPO
 
 CONTAINERS_CONF = REPO / "tests" / "podman" / "containers.conf"
 BUILD_BASE = REPO / "scripts" / "build-python-base"

@@ -1,19 +1,19 @@
-"""The Cosmos DB shard store behaves like the SQLite one, and keeps every document under the item limit."""
+"""The Cosmos DB shard store keeps every document under the item limit.
+
+What every shard store does is held on both backends by tests/test_shard_store_contract.py.
+"""
 
 from __future__ import annotations
 
 import json
 import random
-import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import CosmosDatabase
-from tests.cosmos_server import CosmosServer, cosmos_client
 from worker.cosmos_shards import MAX_ITEM_BYTES, PAGE_BYTES, CosmosShardStore, decode_vector, encode_vector
-from worker.shards import Shard, ShardNotFoundError, ShardStore, ShardVectors, SQLiteShardStore
+from worker.shards import Shard, ShardVectors
 
 TEXT = "Embedding pipelines turn text into vectors."
 
@@ -36,56 +36,6 @@ async def cosmos_shards(cosmos_db: CosmosDatabase) -> AsyncIterator[CosmosShardS
     store = await CosmosShardStore.open(client=cosmos_db.client, database=cosmos_db.name, create_if_missing=True)
     yield store
     await store.close()
-
-
-@pytest.fixture(params=["sqlite", "cosmos"])
-async def shards(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ShardStore]:
-    """A fresh shard store of each backend."""
-    if request.param == "sqlite":
-        sqlite = await SQLiteShardStore.open(tmp_path / "shards.db")
-        yield sqlite
-        await sqlite.close()
-    else:
-        # The server is looked up (not declared) so that sqlite runs never start it.
-        server: CosmosServer = request.getfixturevalue("cosmos_server")
-        async with cosmos_client(server) as client:
-            name = f"test-{uuid.uuid4().hex}"
-            cosmos = await CosmosShardStore.open(client=client, database=name, create_if_missing=True)
-            yield cosmos
-            await cosmos.close()
-            await client.delete_database(name)
-
-
-async def test_put_reports_new_and_changed_content_only(shards: ShardStore) -> None:
-    assert await shards.put(shard()) is True
-    assert await shards.put(shard()) is False
-    assert await shards.put(shard(TEXT + " Changed.")) is True
-    stored = await shards.get("tenant-a", "shard-1")
-    assert stored.text == TEXT + " Changed."
-    assert stored.content_hash == shard(TEXT + " Changed.").content_hash
-
-
-async def test_missing_shard_raises_not_found(shards: ShardStore) -> None:
-    await shards.put(shard(tenant="tenant-b"))
-    with pytest.raises(ShardNotFoundError):
-        await shards.get("tenant-a", "shard-1")
-    with pytest.raises(ShardNotFoundError):
-        await shards.get("tenant-a", "no-such-shard")
-
-
-async def test_vectors_round_trip_and_are_replaced_by_the_next_save(shards: ShardStore) -> None:
-    await shards.put(shard())
-    assert await shards.get_vectors("tenant-a", "shard-1") is None
-    first = vectors_of(3, 8)
-    await shards.save_vectors("tenant-a", "shard-1", first)
-    assert await shards.get_vectors("tenant-a", "shard-1") == ShardVectors(
-        model=first.model, content_hash=first.content_hash, chunks=list(first.chunks), vectors=list(first.vectors)
-    )
-    second = vectors_of(1, 8, content_hash="h2", seed=2)
-    await shards.save_vectors("tenant-a", "shard-1", second)
-    saved = await shards.get_vectors("tenant-a", "shard-1")
-    assert saved is not None
-    assert (saved.content_hash, list(saved.chunks), list(saved.vectors)) == ("h2", ["chunk 0"], second.vectors)
 
 
 def test_vectors_are_stored_as_base64_float32() -> None:

@@ -25,15 +25,13 @@ from packaging.version import Version
 from alerts.build import RULES_FILE, RuleParams, rule_groups
 from jobs.settings import ENV_PREFIX, Settings
 from tests.components import missing
-from tests.helm_tools import (
+from tests.helm_tools import HELM, INSTALL_HELM, Helm
+from tools.chart_sync import (
     CHART,
     COPIED,
-    HELM,
-    INSTALL_HELM,
     README,
     REPO,
     SCHEMA,
-    Helm,
     camel,
     copied_sources,
     out_of_sync,
@@ -731,19 +729,19 @@ def test_combinations_that_would_crash_the_pod_are_refused(
 def test_chart_copies_are_byte_identical_to_the_repository_files(folder: str) -> None:
     pairs = {copy: source for copy, source in copied_sources().items() if source.parent.name == folder}
     stale = [path for path in stale_copies() if path.parent.name == folder]
-    assert not stale, f"copies whose source is gone: {stale} (run: python -m tests.helm_tools sync)"
+    assert not stale, f"copies whose source is gone: {stale} (run: python -m tools.chart_sync sync)"
     if not pairs:
         pytest.skip(f"{folder}/ has no {COPIED[folder]} yet")
     for copy, source in pairs.items():
-        assert copy.is_file(), f"{copy.relative_to(REPO)} missing (run: python -m tests.helm_tools sync)"
+        assert copy.is_file(), f"{copy.relative_to(REPO)} missing (run: python -m tools.chart_sync sync)"
         assert copy.read_bytes() == source.read_bytes(), (
-            f"{copy.relative_to(REPO)} differs from {source.relative_to(REPO)} (run: python -m tests.helm_tools sync)"
+            f"{copy.relative_to(REPO)} differs from {source.relative_to(REPO)} (run: python -m tools.chart_sync sync)"
         )
 
 
 def test_schema_config_and_readme_table_are_generated_from_current_sources() -> None:
     stale = [path for path in out_of_sync() if path in (str(SCHEMA.relative_to(REPO)), str(README.relative_to(REPO)))]
-    assert not stale, f"out of date: {stale} (run: python -m tests.helm_tools sync)"
+    assert not stale, f"out of date: {stale} (run: python -m tools.chart_sync sync)"
 
 
 def test_prometheus_rule_holds_the_repository_alert_rules(

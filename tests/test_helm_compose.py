@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from jobs.settings import Settings
-from tests.helm_tools import CHART, Helm
+from tests.helm_tools import Helm
 from tests.test_exporter_process import exporter_process
 from tests.test_helm import (
     ALL_ON,
@@ -33,6 +33,7 @@ from tests.test_helm import (
     refusal,
     render,
 )
+from tools.chart_sync import CHART
 
 # Fixtures shared with tests/test_helm.py; named here so pytest finds them in this module.
 __all__ = ["all_on", "helm", "kubernetes_validate", "layout"]

@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from tests.components import wait_for
-from tests.helm_tools import CHART, REPO
 from tests.podman_tools import IMAGE_FIGURES, IMAGE_REPOSITORY, Podman, build_image, local_certificates
+from tools.chart_sync import CHART, REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 UID = 10001

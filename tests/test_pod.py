@@ -29,8 +29,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from jobs.model import JobStatus
 from jobs.sqlite_store import SQLiteJobStore
 from tests.components import free_port, missing, wait_for
-from tests.helm_tools import CHART, HELM, Helm
+from tests.helm_tools import HELM, Helm
 from tests.podman_tools import Podman
+from tools.chart_sync import CHART
 from worker.local_queue import LocalQueue
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

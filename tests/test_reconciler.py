@@ -1,23 +1,44 @@
-"""The dead-letter reconciler marks jobs whose messages the queue gave up on."""
+"""The dead-letter reconciler marks jobs whose messages the queue gave up on.
+
+Run on every queue kind (the local queue and Service Bus through its test peer), with the job
+store in a file of its own.
+"""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from jobs.model import Job, JobStatus, utcnow
 from jobs.sqlite_store import SQLiteJobStore
 from tests.components import wait_for
+from tests.queues import QueueBackend
 from worker.consumer import REASON_PERMANENT
-from worker.local_queue import LocalQueue
 from worker.messages import JobMessage
+from worker.queue import Queue, ReceivedMessage
 from worker.reconciler import reconcile_dead_letters
 
 S = JobStatus
+WAIT = 10.0
 
 
-async def test_message_dead_lettered_by_the_queue_marks_its_job(tmp_path: Path) -> None:
-    db = tmp_path / "q.db"
-    async with await SQLiteJobStore.open(db) as store, LocalQueue(db, max_delivery_count=2) as queue:
+async def receive_one(queue: Queue) -> ReceivedMessage:
+    [message] = await queue.receive(max_messages=1, max_wait=WAIT)
+    return message
+
+
+async def abandon_until_dead_lettered(queue: Queue, count: int) -> None:
+    """Abandon every delivery, as workers crashing mid-job would, until the queue gives up on count messages."""
+    deadline = time.monotonic() + WAIT
+    while (await queue.depth()).dead_letter < count:
+        assert time.monotonic() < deadline, f"the queue did not dead-letter {count} messages within {WAIT}s"
+        for message in await queue.receive(max_messages=10, max_wait=0.2):
+            await queue.abandon(message)
+
+
+async def test_message_dead_lettered_by_the_queue_marks_its_job(queues: QueueBackend, tmp_path: Path) -> None:
+    queue = await queues.new(max_delivery_count=2)
+    async with await SQLiteJobStore.open(tmp_path / "jobs.db") as store:
         for n, status in enumerate([S.PROCESSING, S.FAILED, S.COMPLETED]):
             job = Job.new(job_id=f"j{n}", tenant_id="acme", shard_id=f"s{n}", shard_type_id="d")
             await store.create(job)
@@ -29,10 +50,7 @@ async def test_message_dead_lettered_by_the_queue_marks_its_job(tmp_path: Path) 
             await queue.send(msg.to_body(), message_id=msg.message_id)
         await queue.send(b"not json", message_id="junk")
         await queue.send(JobMessage("ghost", "acme", "s", "d").to_body(), message_id="ghost")
-        # Workers that crash mid-job: every delivery is abandoned until the queue gives up.
-        while batch := await queue.receive(max_messages=10, max_wait=0.05):
-            for message in batch:
-                await queue.abandon(message)
+        await abandon_until_dead_lettered(queue, 5)
         assert (await queue.depth()).dead_letter == 5
 
         result = await reconcile_dead_letters(queue, store)
@@ -51,15 +69,17 @@ async def test_message_dead_lettered_by_the_queue_marks_its_job(tmp_path: Path) 
         assert resumed.scanned == 0
 
 
-async def test_a_message_sent_before_a_manual_retry_does_not_dead_letter_the_retried_job(tmp_path: Path) -> None:
-    db = tmp_path / "q.db"
-    async with await SQLiteJobStore.open(db) as store, LocalQueue(db, max_delivery_count=1) as queue:
+async def test_a_message_sent_before_a_manual_retry_does_not_dead_letter_the_retried_job(
+    queues: QueueBackend, tmp_path: Path
+) -> None:
+    queue = await queues.new(max_delivery_count=1)
+    async with await SQLiteJobStore.open(tmp_path / "jobs.db") as store:
         for job_id in ("retried", "never-ran"):
             job = Job.new(job_id=job_id, tenant_id="acme", shard_id=job_id, shard_type_id="d")
             await store.create(job)
             msg = JobMessage(job_id, "acme", job_id, "d")
             await queue.send(msg.to_body(), message_id=msg.message_id)
-        [first] = await queue.receive(max_messages=1, max_wait=0.05)
+        first = await receive_one(queue)
         assert first.message_id == "retried"
         await store.transition("acme", "retried", S.PENDING, S.PROCESSING)
         await store.transition("acme", "retried", S.PROCESSING, S.DEAD_LETTERED, error="gave up")
@@ -70,9 +90,7 @@ async def test_a_message_sent_before_a_manual_retry_does_not_dead_letter_the_ret
         # A manual retry: the job is pending again after its old message went to the dead-letter queue.
         await store.transition("acme", "retried", S.DEAD_LETTERED, S.PENDING, retry_count=0)
         # The other job's message is given up on by the queue while the job is still pending.
-        [second] = await queue.receive(max_messages=1, max_wait=0.05)
-        await queue.abandon(second)
-        assert await queue.receive(max_messages=1, max_wait=0.05) == []
+        await abandon_until_dead_lettered(queue, 2)
         assert (await queue.depth()).dead_letter == 2
 
         result = await reconcile_dead_letters(queue, store)
@@ -81,14 +99,16 @@ async def test_a_message_sent_before_a_manual_retry_does_not_dead_letter_the_ret
         assert (await store.get("acme", "never-ran")).status is S.DEAD_LETTERED
 
 
-async def test_a_message_the_worker_dead_lettered_never_marks_its_job_again(tmp_path: Path) -> None:
-    db = tmp_path / "q.db"
-    async with await SQLiteJobStore.open(db) as store, LocalQueue(db) as queue:
+async def test_a_message_the_worker_dead_lettered_never_marks_its_job_again(
+    queues: QueueBackend, tmp_path: Path
+) -> None:
+    queue = await queues.new()
+    async with await SQLiteJobStore.open(tmp_path / "jobs.db") as store:
         job = Job.new(job_id="retried", tenant_id="acme", shard_id="s", shard_type_id="d")
         await store.create(job)
         msg = JobMessage("retried", "acme", "s", "d")
         await queue.send(msg.to_body(), message_id=msg.message_id)
-        [first] = await queue.receive(max_messages=1, max_wait=0.05)
+        first = await receive_one(queue)
         # The worker records the job, then dead-letters its message.
         await store.transition("acme", "retried", S.PENDING, S.PROCESSING)
         await store.transition("acme", "retried", S.PROCESSING, S.DEAD_LETTERED, error="PermanentError: no")

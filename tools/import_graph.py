@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Final
 
 ROOT: Final = Path(__file__).resolve().parent.parent
-# The project's own packages (bench, tests and tools only use them; nothing imports those).
+# The project's own packages (bench, tests and tools use them; none of them imports those).
 PACKAGES: Final = ("jobs", "worker", "exporter", "embedding_jobs", "alerts", "dashboards")
 
 
