@@ -41,24 +41,51 @@ def free_port() -> int:
         return port
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.02) -> None:
-    """Poll condition until it is true or the deadline passes (then raise TimeoutError)."""
+def _timed_out(what: str, within: float, detail: Callable[[], str] | None) -> TimeoutError:
+    message = f"timed out after {within}s waiting for {what}"
+    return TimeoutError(f"{message}: {detail()}" if detail is not None else message)
+
+
+def wait_for(
+    condition: Callable[[], bool],
+    timeout: float,
+    what: str,
+    interval: float = 0.02,
+    detail: Callable[[], str] | None = None,
+) -> None:
+    """Poll condition until it is true or the deadline passes (then raise TimeoutError).
+
+    detail, when given, is called at the deadline and its text added to the error: the last value
+    seen, a log tail, what has arrived so far.
+    """
     deadline = time.monotonic() + timeout
     while True:
         if condition():
             return
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+            raise _timed_out(what, timeout, detail)
         time.sleep(interval)
 
 
-async def wait_until(condition: Callable[[], Awaitable[bool]], what: str, within: float = 15.0) -> None:
-    """Await condition until it is true or the deadline passes (then raise TimeoutError)."""
+async def wait_until(
+    condition: Callable[[], Awaitable[bool] | bool],
+    what: str,
+    within: float = 15.0,
+    interval: float = 0.02,
+    detail: Callable[[], str] | None = None,
+) -> None:
+    """Check condition (plain or awaitable) until it is true or the deadline passes (then raise TimeoutError).
+
+    detail, when given, is called at the deadline and its text added to the error.
+    """
     deadline = time.monotonic() + within
-    while not await condition():
+    while True:
+        met = condition()
+        if met if isinstance(met, bool) else await met:
+            return
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.02)
+            raise _timed_out(what, within, detail)
+        await asyncio.sleep(interval)
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:

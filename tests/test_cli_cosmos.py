@@ -6,7 +6,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from embedding_jobs.backends import open_backends
@@ -69,13 +68,15 @@ async def test_feeder_enqueues_shards_written_to_the_local_store(tmp_path: Path)
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
+        stderr = ""
+
+        def all_listed() -> bool:
+            nonlocal stderr
             listed = run_cli(tmp_path, "jobs", "list", "--tenant", "acme", "--output", "json")
-            if len(listed.stdout.splitlines()) == 3:
-                break
-            assert time.monotonic() < deadline, listed.stderr
-            await asyncio.sleep(0.05)
+            stderr = listed.stderr
+            return len(listed.stdout.splitlines()) == 3
+
+        await wait_until(all_listed, "the feeder to create 3 jobs", within=30, interval=0.05, detail=lambda: stderr)
     finally:
         feeder.terminate()
         _, err = await asyncio.wait_for(feeder.communicate(), 20)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -22,7 +21,7 @@ from jobs.errors import JobNotFoundError, StoreUnavailableError
 from jobs.model import Job, JobStatus
 from jobs.settings import Settings
 from jobs.store import empty_stats
-from tests.components import free_port
+from tests.components import free_port, wait_until
 from tests.conftest import CosmosDatabase
 from tests.cosmos_server import CosmosServer, start_cosmos_server
 
@@ -122,14 +121,15 @@ async def test_expired_jobs_leave_counters_that_recount_repairs(cosmos_db: Cosmo
     ) as store:
         await store.create(make_job())
         await store.transition("tenant-a", "job-1", S.PENDING, S.DEAD_LETTERED)
-        deadline = time.monotonic() + 10
-        while True:
+
+        async def expired() -> bool:
             try:
                 await store.get("tenant-a", "job-1")
             except JobNotFoundError:
-                break
-            assert time.monotonic() < deadline, "the finished job never expired"
-            await asyncio.sleep(0.05)
+                return True
+            return False
+
+        await wait_until(expired, "the finished job to expire", within=10, interval=0.05)
         # The service deletes expired items without touching the counters.
         assert (await store.stats("tenant-a"))[S.DEAD_LETTERED] == 1
         assert await store.recount() == {}

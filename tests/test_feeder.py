@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, closing
@@ -21,6 +20,7 @@ from embedding_jobs.cosmos import init_db
 from jobs.model import JobStatus, format_time, utcnow
 from jobs.settings import Settings
 from jobs.sqlite_store import SQLiteJobStore
+from tests.components import wait_until
 from tests.cosmos_server import CosmosServer, cosmos_client
 from worker.cosmos_feed import CosmosShardFeed
 from worker.cosmos_shards import CosmosShardStore
@@ -251,10 +251,11 @@ async def test_run_feeder_follows_the_configured_store_until_stopped(env: Env) -
     task = asyncio.create_task(run_feeder(feed, env.producer, stop, interval=0.02))
     try:
         await env.shards.put(shard())
-        deadline = time.monotonic() + 10
-        while not await env.messages():
-            assert time.monotonic() < deadline, "the feeder never enqueued the shard"
-            await asyncio.sleep(0.02)
+
+        async def enqueued() -> bool:
+            return bool(await env.messages())
+
+        await wait_until(enqueued, "the feeder to enqueue the shard", within=10)
     finally:
         stop.set()
         totals = await task

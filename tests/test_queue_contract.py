@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.components import wait_for
+from tests.components import wait_for, wait_until
 from tests.queues import QueueBackend
 from worker.queue import MessageLockLostError, Queue, QueueDepth, ReceivedMessage
 
@@ -35,11 +35,16 @@ async def receive_all(queue: Queue, count: int, max_messages: int) -> list[Recei
     (the SDK waits 0.2 s after the first message), so callers collect until they have them all.
     """
     received: list[ReceivedMessage] = []
-    deadline = time.monotonic() + WAIT
-    while len(received) < count and time.monotonic() < deadline:
+
+    async def got_all() -> bool:
+        if len(received) >= count:
+            return True
         batch = await queue.receive(max_messages=max_messages, max_wait=WAIT)
         assert len(batch) <= max_messages
-        received += batch
+        received.extend(batch)
+        return len(received) >= count
+
+    await wait_until(got_all, f"{count} messages", within=WAIT, detail=lambda: f"got {len(received)}")
     assert len(received) == count, f"expected {count} messages, got {len(received)}"
     return received
 

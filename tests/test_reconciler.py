@@ -6,12 +6,11 @@ store in a file of its own.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from jobs.model import Job, JobStatus, utcnow
 from jobs.sqlite_store import SQLiteJobStore
-from tests.components import wait_for
+from tests.components import wait_for, wait_until
 from tests.queues import QueueBackend
 from worker.consumer import REASON_PERMANENT
 from worker.messages import JobMessage
@@ -29,11 +28,15 @@ async def receive_one(queue: Queue) -> ReceivedMessage:
 
 async def abandon_until_dead_lettered(queue: Queue, count: int) -> None:
     """Abandon every delivery, as workers crashing mid-job would, until the queue gives up on count messages."""
-    deadline = time.monotonic() + WAIT
-    while (await queue.depth()).dead_letter < count:
-        assert time.monotonic() < deadline, f"the queue did not dead-letter {count} messages within {WAIT}s"
+
+    async def dead_lettered() -> bool:
+        if (await queue.depth()).dead_letter >= count:
+            return True
         for message in await queue.receive(max_messages=10, max_wait=0.2):
             await queue.abandon(message)
+        return False
+
+    await wait_until(dead_lettered, f"the queue to dead-letter {count} messages", within=WAIT)
 
 
 async def test_message_dead_lettered_by_the_queue_marks_its_job(queues: QueueBackend, tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from jobs.cosmos_store import CosmosJobStore
 from jobs.model import Job, JobStatus
 from jobs.sqlite_store import SQLiteJobStore
 from jobs.store import JobStore
+from tests.components import wait_until
 from tests.conftest import CosmosDatabase
 from tests.servicebus_peer import ServiceBusPeer
 from tests.test_cli import cli_env, run_cli
@@ -280,13 +281,15 @@ async def start_worker(data_dir: Path, rig: Rig, args: list[str], log: IO[bytes]
 
 async def wait_for(what: str, condition: Callable[[], Awaitable[bool]], worker: Worker) -> None:
     """Poll condition until true; fail with the worker's log if the deadline passes or the worker dies."""
-    deadline = time.monotonic() + PROGRESS_TIMEOUT
-    while not await condition():
+
+    async def met() -> bool:
+        if await condition():
+            return True
         if worker.process.returncode is not None:
             pytest.fail(f"the worker exited ({worker.process.returncode}) before {what}:\n{worker.tail()}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {PROGRESS_TIMEOUT}s waiting for {what}:\n{worker.tail()}")
-        await asyncio.sleep(POLL)
+        return False
+
+    await wait_until(met, what, within=PROGRESS_TIMEOUT, interval=POLL, detail=lambda: "\n" + worker.tail())
 
 
 @dataclass

@@ -11,7 +11,6 @@ import asyncio
 import datetime
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from azure.servicebus import (
 from azure.servicebus.aio import AutoLockRenewer, ServiceBusClient, ServiceBusReceiver
 from azure.servicebus.exceptions import MessageLockLostError, MessageNotFoundError, ServiceBusError
 
+from tests.components import wait_until
 from tests.servicebus_peer import ServiceBusPeer
 from tests.servicebus_peer.__main__ import READY
 
@@ -61,13 +61,7 @@ def utc_now() -> datetime.datetime:
 
 async def wait_for(condition: Callable[[], bool], within: float = 10.0) -> None:
     """Poll until the condition holds; fail the test at the deadline."""
-    deadline = time.monotonic() + within
-    while True:
-        if condition():
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {within} s")
-        await asyncio.sleep(0.02)
+    await wait_until(condition, "the condition", within=within)
 
 
 async def send(client: ServiceBusClient, queue: str, *bodies: str) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import socket
 import ssl
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -21,6 +20,7 @@ from azure.servicebus import ServiceBusMessage, ServiceBusReceivedMessage
 from azure.servicebus.aio import ServiceBusClient, ServiceBusReceiver
 from azure.servicebus.aio.management import ServiceBusAdministrationClient
 
+from tests.components import wait_until
 from tests.servicebus_peer import ServiceBusPeer
 from worker.queue import QueueDepth, QueueUnavailableError, ReceivedMessage
 from worker.servicebus_queue import ServiceBusQueue
@@ -76,19 +76,26 @@ def utc_now() -> datetime.datetime:
 async def receive(receiver: ServiceBusReceiver, count: int, within: float = 10.0) -> list[ServiceBusReceivedMessage]:
     """Exactly ``count`` messages; a receive may return fewer than asked for, so keep asking until the deadline."""
     received: list[ServiceBusReceivedMessage] = []
-    deadline = time.monotonic() + within
-    while len(received) < count and time.monotonic() < deadline:
-        received += await receiver.receive_messages(max_message_count=count - len(received), max_wait_time=1)
+
+    async def got_all() -> bool:
+        if len(received) < count:
+            received.extend(await receiver.receive_messages(max_message_count=count - len(received), max_wait_time=1))
+        return len(received) >= count
+
+    await wait_until(got_all, f"{count} messages", within=within, detail=lambda: f"received {len(received)}")
     assert len(received) == count, f"received {len(received)} of {count}"
     return received
 
 
 async def receive_one(sb_queue: ServiceBusQueue, within: float = 10.0) -> ReceivedMessage:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if messages := await sb_queue.receive(max_messages=1, max_wait=1):
-            return messages[0]
-    pytest.fail(f"no message within {within} s")
+    received: list[ReceivedMessage] = []
+
+    async def got_one() -> bool:
+        received.extend(await sb_queue.receive(max_messages=1, max_wait=1))
+        return bool(received)
+
+    await wait_until(got_one, "a message", within=within)
+    return received[0]
 
 
 # -- the administration client against the peer ------------------------------------------------

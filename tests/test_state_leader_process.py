@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.components import wait_until
 from tests.conftest import STORE_BACKENDS, CosmosDatabase
 from tests.test_cli import run_cli
 from tests.test_cli_cosmos import cosmos_env
@@ -68,22 +69,29 @@ async def scrape_all(session: aiohttp.ClientSession, exporters: list[ExporterPro
 
 async def one_leader(session: aiohttp.ClientSession, exporters: list[ExporterProcess], within: float) -> int:
     """Index of the one exporter exporting state, once exactly one does and the rest export none of it."""
-    deadline = time.monotonic() + within
-    while True:
+    leaders: list[int] = []
+
+    async def single_leader() -> bool:
+        nonlocal leaders
         scrapes = await scrape_all(session, exporters)
         leaders = [i for i, s in enumerate(scrapes) if s["embedding_exporter_state_leader"] == 1]
-        if len(leaders) == 1 and "embedding_jobs" in scrapes[leaders[0]]:
-            followers = [s for i, s in enumerate(scrapes) if i != leaders[0]]
-            if all(s["embedding_exporter_state_leader"] == 0 for s in followers):
-                for s in followers:
-                    assert "embedding_jobs" not in s
-                    assert "embedding_jobs_stuck" not in s
-                    assert "embedding_queue_messages" not in s
-                    assert LAST_SUCCESS not in s
-                    assert REFRESHES not in s
-                return leaders[0]
-        assert time.monotonic() < deadline, f"no single state leader within {within}s: {leaders}"
-        await asyncio.sleep(0.05)
+        if len(leaders) != 1 or "embedding_jobs" not in scrapes[leaders[0]]:
+            return False
+        followers = [s for i, s in enumerate(scrapes) if i != leaders[0]]
+        if not all(s["embedding_exporter_state_leader"] == 0 for s in followers):
+            return False
+        for s in followers:
+            assert "embedding_jobs" not in s
+            assert "embedding_jobs_stuck" not in s
+            assert "embedding_queue_messages" not in s
+            assert LAST_SUCCESS not in s
+            assert REFRESHES not in s
+        return True
+
+    await wait_until(
+        single_leader, "a single state leader", within=within, interval=0.05, detail=lambda: f"leaders {leaders}"
+    )
+    return leaders[0]
 
 
 async def start(
