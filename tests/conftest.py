@@ -5,17 +5,16 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from azure.cosmos.aio import CosmosClient
 
 from jobs.cosmos_store import CosmosJobStore
 from jobs.sqlite_store import SQLiteJobStore
 from jobs.store import JobStore
 from tests.components import missing
-from tests.cosmos_server import CosmosServer, CosmosServerUnavailable, cosmos_client, start_cosmos_server
+from tests.cosmos_server import CosmosDatabase as CosmosDatabase
+from tests.cosmos_server import CosmosServer, CosmosServerUnavailable, cosmos_database, start_cosmos_server
 from tests.pipeline import QUEUE_KINDS
 from tests.podman_tools import (
     IMAGE_FIGURES,
@@ -77,25 +76,11 @@ def image(podman: Podman, request: pytest.FixtureRequest) -> Iterator[str]:
         keep_cache_and_prune(podman, tag)
 
 
-@dataclass(frozen=True, slots=True)
-class CosmosDatabase:
-    """A client and the name of a database that only the current test uses."""
-
-    server: CosmosServer
-    client: CosmosClient
-    name: str
-
-
 @pytest.fixture
 async def cosmos_db(cosmos_server: CosmosServer) -> AsyncIterator[CosmosDatabase]:
     """A fresh database name (created by whoever needs it), dropped after the test."""
-    async with cosmos_client(cosmos_server) as client:
-        name = f"test-{uuid.uuid4().hex}"
-        try:
-            yield CosmosDatabase(cosmos_server, client, name)
-        finally:
-            if name in [db["id"] async for db in client.list_databases()]:
-                await client.delete_database(name)
+    async with cosmos_database(cosmos_server) as db:
+        yield db
 
 
 @pytest.fixture(params=STORE_BACKENDS)
@@ -111,14 +96,12 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     elif backend == "cosmos":
         # Looked up here, not declared, so sqlite-only runs never start the server.
         server: CosmosServer = request.getfixturevalue("cosmos_server")
-        async with cosmos_client(server) as client:
-            name = f"test-{uuid.uuid4().hex}"
-            cosmos_store = await CosmosJobStore.open(client=client, database=name, create_if_missing=True)
+        async with cosmos_database(server) as db:
+            cosmos_store = await CosmosJobStore.open(client=db.client, database=db.name, create_if_missing=True)
             try:
                 yield cosmos_store
             finally:
                 await cosmos_store.close()
-                await client.delete_database(name)
     else:  # pragma: no cover - a backend listed without a factory
         raise AssertionError(f"no factory for backend {backend}")
 

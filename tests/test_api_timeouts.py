@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from jobs.settings import Settings
 from jobs.sqlite_store import SQLiteJobStore
 from jobs.store import JobStore
 from tests.components import wait_until
-from tests.cosmos_server import CosmosServer, cosmos_client
+from tests.cosmos_server import CosmosServer, cosmos_database
 from tests.test_api import queue_sender
 from worker.local_queue import LocalQueue
 from worker.messages import JobMessage, parse_message
@@ -229,16 +228,14 @@ async def test_a_send_that_times_out_dead_letters_the_job_and_a_late_message_fin
 
 @pytest.fixture
 async def cosmos_store(cosmos_server: CosmosServer) -> AsyncIterator[CosmosJobStore]:
-    async with cosmos_client(cosmos_server) as client:
-        name = f"test-{uuid.uuid4().hex}"
-        store = await CosmosJobStore.open(client=client, database=name, create_if_missing=True)
+    async with cosmos_database(cosmos_server) as db:
+        store = await CosmosJobStore.open(client=db.client, database=db.name, create_if_missing=True)
         try:
             await seed_failed_job(store)
             yield store
         finally:
             cosmos_server.set_fault(DEFAULT_CONTAINER, None)
             await store.close()
-            await client.delete_database(name)
 
 
 # A failing container fails point reads at once; the SDK retries the 503s of queries until the

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import pytest
@@ -17,22 +17,16 @@ from azure.cosmos import PartitionKey
 from azure.cosmos.aio import ContainerProxy, CosmosClient
 from azure.cosmos.exceptions import CosmosBatchOperationError, CosmosResourceNotFoundError
 
-from tests.cosmos_server import CosmosServer, cosmos_client
+from tests.cosmos_server import CosmosDatabase, CosmosServer
 
 TENANT = "tenant-a"
 OTHER_TENANT = "tenant-b"
 
 
 @pytest.fixture
-async def client(cosmos_server: CosmosServer) -> AsyncIterator[CosmosClient]:
-    async with cosmos_client(cosmos_server) as client:
-        yield client
-
-
-@pytest.fixture
-async def make_container(client: CosmosClient) -> AsyncIterator[Callable[..., Awaitable[ContainerProxy]]]:
+async def make_container(cosmos_db: CosmosDatabase) -> Callable[..., Awaitable[ContainerProxy]]:
     """Factory for containers partitioned on /tenantId in a database dropped after the test."""
-    database = await client.create_database(f"test-{uuid.uuid4().hex}")
+    database = await cosmos_db.client.create_database(cosmos_db.name)
 
     async def make(**kwargs: Any) -> ContainerProxy:
         container: ContainerProxy = await database.create_container(
@@ -40,8 +34,7 @@ async def make_container(client: CosmosClient) -> AsyncIterator[Callable[..., Aw
         )
         return container
 
-    yield make
-    await client.delete_database(database)
+    return make
 
 
 @pytest.fixture

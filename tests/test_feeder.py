@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, closing
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from jobs.model import JobStatus, format_time, utcnow
 from jobs.settings import Settings
 from jobs.sqlite_store import SQLiteJobStore
 from tests.components import wait_until
-from tests.cosmos_server import CosmosServer, cosmos_client
+from tests.cosmos_server import CosmosServer, cosmos_database
 from worker.cosmos_feed import CosmosShardFeed
 from worker.cosmos_shards import CosmosShardStore
 from worker.feed import ShardFeed
@@ -123,10 +122,8 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E
         else:
             # Looked up, not declared, so local runs never start the server.
             server: CosmosServer = request.getfixturevalue("cosmos_server")
-            client = cosmos_client(server)
-            await stack.enter_async_context(client)
-            name = f"test-{uuid.uuid4().hex}"
-            stack.push_async_callback(client.delete_database, name)
+            database = await stack.enter_async_context(cosmos_database(server))
+            client, name = database.client, database.name
             await init_db(client, name, "embedding-jobs", "shards", "leases", retention=None)
             cosmos_shards = await CosmosShardStore.open(client=client, database=name)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from jobs.cosmos_lease import CosmosLeaseBackend
 from jobs.lease import RENEW_FRACTION, Lease, LeaseBackend
 from jobs.sqlite_lease import SQLiteLeaseBackend
 from tests.conftest import STORE_BACKENDS
-from tests.cosmos_server import CosmosServer, cosmos_client
+from tests.cosmos_server import CosmosServer, cosmos_database
 
 DURATION = 10.0
 OpenBackend = Callable[[], Awaitable[LeaseBackend]]
@@ -47,9 +46,7 @@ async def open_backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         else:
             # Looked up here, not declared, so sqlite-only runs never start the server.
             server: CosmosServer = request.getfixturevalue("cosmos_server")
-            name = f"test-{uuid.uuid4().hex}"
-            admin = await stack.enter_async_context(cosmos_client(server))
-            stack.push_async_callback(admin.delete_database, name)
+            name = (await stack.enter_async_context(cosmos_database(server))).name
 
             async def open_one() -> LeaseBackend:
                 backend = await CosmosLeaseBackend.open(

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import random
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from tests.cosmos_server import CosmosServer, cosmos_client
+from tests.cosmos_server import CosmosServer, cosmos_database
 from worker.cosmos_shards import CosmosShardStore
 from worker.shards import Shard, ShardNotFoundError, ShardStore, ShardVectors, SQLiteShardStore
 
@@ -39,14 +38,12 @@ async def shards(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     else:
         # The server is looked up (not declared) so that sqlite runs never start it.
         server: CosmosServer = request.getfixturevalue("cosmos_server")
-        async with cosmos_client(server) as client:
-            name = f"test-{uuid.uuid4().hex}"
-            cosmos = await CosmosShardStore.open(client=client, database=name, create_if_missing=True)
+        async with cosmos_database(server) as db:
+            cosmos = await CosmosShardStore.open(client=db.client, database=db.name, create_if_missing=True)
             try:
                 yield cosmos
             finally:
                 await cosmos.close()
-                await client.delete_database(name)
 
 
 async def test_put_reports_new_and_changed_content_only(shards: ShardStore) -> None:

@@ -7,7 +7,6 @@ Cosmos test server failing or hanging the job container for the store.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from jobs.settings import Settings
 from jobs.sqlite_store import SQLiteJobStore
 from jobs.store import JobStore
 from tests.components import wait_until
-from tests.cosmos_server import CosmosServer, cosmos_client
+from tests.cosmos_server import CosmosServer, cosmos_database
 from tests.servicebus_peer import ServiceBusPeer
 from worker.local_queue import LocalQueue
 from worker.queue import QueueDepth
@@ -172,15 +171,13 @@ async def test_failing_depth_reads_keep_the_state_gauges_fresh_and_count_depth_e
 
 @pytest.fixture
 async def cosmos_store(cosmos_server: CosmosServer) -> AsyncIterator[CosmosJobStore]:
-    async with cosmos_client(cosmos_server) as client:
-        name = f"test-{uuid.uuid4().hex}"
-        store = await CosmosJobStore.open(client=client, database=name, create_if_missing=True)
+    async with cosmos_database(cosmos_server) as db:
+        store = await CosmosJobStore.open(client=db.client, database=db.name, create_if_missing=True)
         try:
             yield store
         finally:
             cosmos_server.set_fault(DEFAULT_CONTAINER, None)
             await store.close()
-            await client.delete_database(name)
 
 
 @pytest.mark.parametrize("fault", ["fail", "hang"])

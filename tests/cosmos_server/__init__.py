@@ -6,6 +6,7 @@ launcher.js, which fixes the stock gaps the job store depends on (see its header
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import shutil
@@ -15,6 +16,8 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -194,3 +197,28 @@ def cosmos_client(server: CosmosServer, **kwargs: Any) -> CosmosClient:
     discovery can stay on: a client built the way production code builds one works as is.
     """
     return CosmosClient(server.endpoint, credential=server.key, **kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class CosmosDatabase:
+    """A client and the name of a database that only the current test uses."""
+
+    server: CosmosServer
+    client: CosmosClient
+    name: str
+
+
+@contextlib.asynccontextmanager
+async def cosmos_database(server: CosmosServer) -> AsyncIterator[CosmosDatabase]:
+    """A client and a fresh database name (created by whoever needs it); the database is dropped on exit.
+
+    A plain context manager rather than a fixture, so that fixtures which choose a backend at run
+    time can open one: an async fixture cannot look up another async fixture from inside its loop.
+    """
+    async with cosmos_client(server) as client:
+        name = f"test-{uuid.uuid4().hex}"
+        try:
+            yield CosmosDatabase(server, client, name)
+        finally:
+            if name in [db["id"] async for db in client.list_databases()]:
+                await client.delete_database(name)
