@@ -23,8 +23,8 @@ from alerts.build import (
     seconds,
 )
 from tests.components import require_binary
+from tests.helpers.dashboards import known_series, metric_names
 from tests.prometheus_stack import INSTALL_HINT
-from tests.test_dashboards import known_series, metric_names
 
 ALERTS_DIR = Path(build.__file__).parent
 UNIT_TESTS = ALERTS_DIR / "tests.yaml"

@@ -21,6 +21,7 @@ from jobs.errors import InvalidTenantError
 from jobs.model import Job, JobStatus, validate_tenant_id
 from jobs.settings import Settings
 from jobs.sqlite_store import SQLiteJobStore
+from tests.helpers.api import Enqueue, queue_sender
 from worker.local_queue import LocalQueue
 from worker.messages import JobMessage, parse_message
 
@@ -35,7 +36,6 @@ ALLOWED_STATUSES = "pending, processing, completed, failed, dead_lettered"
 
 Client = TestClient[web.Request, web.Application]
 ClientFactory = Callable[..., Awaitable[Client]]
-Enqueue = Callable[[Job], Awaitable[None]]
 
 
 def make_job(
@@ -58,16 +58,6 @@ def make_job(
 
 def stats_of(**counts: int) -> dict[str, int]:
     return {status.value: counts.get(status.value, 0) for status in JobStatus}
-
-
-def queue_sender(queue: LocalQueue) -> Enqueue:
-    """Sends a retried job's message the way the producer does: attempt 0, the job's ids."""
-
-    async def send(job: Job) -> None:
-        message = JobMessage(job.id, job.tenant_id, job.shard_id, job.shard_type_id)
-        await queue.send(message.to_body(), message_id=message.message_id)
-
-    return send
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ from schemathesis.core.failures import FailureGroup
 
 from exporter import openapi
 from tests.components import free_port, wait_for
-from tests.test_cli import cli_env, run_cli
+from tests.helpers.cli import cli_env, run_cli
 
 OPERATOR_TOKEN = "operator-token-0123456789"
 TENANT_TOKEN = "acme-token-0123456789"

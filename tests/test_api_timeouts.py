@@ -30,7 +30,7 @@ from jobs.sqlite_store import SQLiteJobStore
 from jobs.store import JobStore
 from tests.components import wait_until
 from tests.cosmos_server import CosmosServer, cosmos_database
-from tests.test_api import queue_sender
+from tests.helpers.api import queue_sender
 from worker.local_queue import LocalQueue
 from worker.messages import JobMessage, parse_message
 

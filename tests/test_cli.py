@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -19,26 +18,9 @@ from jobs.model import JobStatus
 from jobs.sqlite_store import SQLiteJobStore
 from jobs.store import empty_stats
 from tests.components import wait_until
+from tests.helpers.cli import cli_env, run_cli
 
 S = JobStatus
-
-
-def cli_env(data_dir: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EMBEDDING_JOBS_", "OTEL_"))}
-    env.update({"EMBEDDING_JOBS_DATA_DIR": str(data_dir), "EMBEDDING_JOBS_LOG_LEVEL": "WARNING", **extra})
-    return env
-
-
-def run_cli(data_dir: Path, *args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "embedding_jobs", *args],
-        env=cli_env(data_dir, **env),
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=50,
-        check=False,
-    )
 
 
 async def stats(data_dir: Path) -> dict[str, dict[JobStatus, int]]:

@@ -14,19 +14,10 @@ from jobs.cosmos_store import CosmosJobStore
 from jobs.settings import Settings
 from tests.components import wait_until
 from tests.conftest import CosmosDatabase
-from tests.test_cli import cli_env, run_cli
+from tests.helpers.cli import cli_env, cosmos_env, run_cli
 from worker.cosmos_feed import CosmosShardFeed
 from worker.cosmos_shards import CosmosShardStore
 from worker.shards import Shard, SQLiteShardStore
-
-
-def cosmos_env(db: CosmosDatabase) -> dict[str, str]:
-    return {
-        "EMBEDDING_JOBS_STORE": "cosmos",
-        "EMBEDDING_JOBS_COSMOS_ENDPOINT": db.server.endpoint,
-        "EMBEDDING_JOBS_COSMOS_KEY": db.server.key,
-        "EMBEDDING_JOBS_COSMOS_DATABASE": db.name,
-    }
 
 
 def test_init_db_creates_then_finds_the_containers(tmp_path: Path, cosmos_db: CosmosDatabase) -> None:

@@ -33,8 +33,8 @@ from jobs import telemetry as attr
 from jobs.model import Job, JobStatus, truncate_error
 from jobs.sqlite_store import SQLiteJobStore
 from tests.components import wait_until
-from tests.test_cli import cli_env, run_cli
-from tests.test_exporter_process import exporter_process
+from tests.helpers.cli import cli_env, run_cli
+from tests.helpers.exporter import exporter_process
 from worker.local_queue import LocalQueue
 from worker.messages import JobMessage, message_id_for, parse_message
 from worker.producer import Producer, job_id_for

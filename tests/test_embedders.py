@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import importlib.machinery
 import importlib.util
@@ -14,22 +13,24 @@ import sys
 import time
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict
-from pytest_aiohttp import AiohttpServer
 
 from tests.components import free_port, missing
+from tests.helpers.embeddings import API_KEY, FakeEmbeddingsAPI, Reply, api
 from worker.embedders import EMBEDDER_KINDS, create_embedder
 from worker.embedders.hashing import HashingEmbedder
 from worker.embedders.openai import OpenAIEmbedder, OpenAISettings, _retry_after
 from worker.errors import PermanentError, RetryableError
 
-API_KEY = "sk-test-5ecret-key-do-not-leak"
+# The fake endpoint fixture; named here so pytest finds it in this module.
+__all__ = ["api"]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------- hashing
@@ -87,47 +88,6 @@ async def test_hashing_maps_text_without_words_to_the_zero_vector() -> None:
 
 # ---------------------------------------------------------------- a real embeddings endpoint
 
-Reply = Callable[[], web.StreamResponse] | str
-
-
-@dataclass
-class Request:
-    """One request as the fake endpoint saw it."""
-
-    path: str
-    query: dict[str, str]
-    headers: dict[str, str]
-    body: dict[str, Any]
-
-
-@dataclass
-class FakeEmbeddingsAPI:
-    """Speaks the embeddings API: plays scripted replies first, then answers every request."""
-
-    base_url: str = ""
-    requests: list[Request] = field(default_factory=list)
-    replies: list[Reply] = field(default_factory=list)
-    release: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        self.requests.append(Request(request.path, dict(request.query), dict(request.headers), body))
-        if self.replies:
-            reply = self.replies.pop(0)
-            if reply == "hang":
-                await self.release.wait()
-            elif callable(reply):
-                return reply()
-        dimensions = body.get("dimensions", 2)
-        data = [
-            # The vector tells which text it belongs to: its first value is the text's length.
-            {"object": "embedding", "index": index, "embedding": [float(len(text))] + [0.5] * (dimensions - 1)}
-            for index, text in enumerate(body["input"])
-        ]
-        # Real servers need not answer in input order; the index says where each vector goes.
-        data.reverse()
-        return web.json_response({"object": "list", "data": data, "model": body.get("model", "deployment")})
-
 
 def error_reply(status: int, message: str, headers: dict[str, str] | None = None) -> Reply:
     """A scripted reply with the API's error body."""
@@ -138,17 +98,6 @@ def error_reply(status: int, message: str, headers: dict[str, str] | None = None
 def raw_reply(body: str, status: int = 200) -> Reply:
     """A scripted reply with an arbitrary body."""
     return lambda: web.Response(text=body, status=status, content_type="application/json")
-
-
-@pytest.fixture
-async def api(aiohttp_server: AiohttpServer) -> AsyncIterator[FakeEmbeddingsAPI]:
-    fake = FakeEmbeddingsAPI()
-    app = web.Application()
-    app.router.add_post("/{tail:.*}", fake.handle)
-    server = await aiohttp_server(app, host="127.0.0.1")
-    fake.base_url = str(server.make_url("")).rstrip("/")
-    yield fake
-    fake.release.set()
 
 
 MakeEmbedder = Callable[..., OpenAIEmbedder]

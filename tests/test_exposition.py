@@ -34,8 +34,8 @@ from jobs.settings import Settings
 from jobs.sqlite_store import SQLiteJobStore
 from jobs.version import package_version
 from tests.components import require_binary, wait_until
+from tests.helpers.metrics import job_span_request, receiver_of
 from tests.prometheus_stack import INSTALL_HINT
-from tests.test_metrics import job_span_request, receiver_of
 
 Client = TestClient[web.Request, web.Application]
 parse_openmetrics: Callable[[str], Iterable[Metric]] = openmetrics_parser.text_string_to_metric_families

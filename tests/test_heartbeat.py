@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.components import wait_for, wait_until
-from tests.test_cli import cli_env, run_cli
-from tests.test_embedders import API_KEY, FakeEmbeddingsAPI, api
+from tests.helpers.cli import cli_env, run_cli
+from tests.helpers.embeddings import API_KEY, FakeEmbeddingsAPI, api
 
 # The embeddings endpoint that holds a request until released, shared with tests/test_embedders.py.
 __all__ = ["api"]

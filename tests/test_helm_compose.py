@@ -14,8 +14,7 @@ import yaml
 
 from jobs.settings import Settings
 from tests.helm_tools import Helm
-from tests.test_exporter_process import exporter_process
-from tests.test_helm import (
+from tests.helpers.chart import (
     ALL_ON,
     CUSTOM_KINDS,
     LAYOUTS,
@@ -33,6 +32,7 @@ from tests.test_helm import (
     refusal,
     render,
 )
+from tests.helpers.exporter import exporter_process
 from tools.chart_sync import CHART
 
 # Fixtures shared with tests/test_helm.py; named here so pytest finds them in this module.

@@ -24,6 +24,19 @@ def test_worker_and_exporter_never_import_each_other() -> None:
     assert crossing == []
 
 
+def is_test_module(module: str) -> bool:
+    """Whether pytest collects the module as tests (a test_*.py file under tests/)."""
+    return module.startswith("tests.") and module.rsplit(".", 1)[-1].startswith("test_")
+
+
+def test_no_test_module_imports_another_test_module() -> None:
+    # Shared test code lives in tests/helpers; a test module imported as a library runs its module-level code and
+    # fixtures wherever it is imported.
+    edges = import_edges(packages=["tests"])
+    assert any(edge.target.startswith("tests.helpers.") for edge in edges), "the tests' imports were not read"
+    assert [edge for edge in edges if is_test_module(edge.target)] == []
+
+
 def test_lazy_and_type_checking_imports_are_edges_too(tmp_path: Path) -> None:
     package = tmp_path / "pkg"
     package.mkdir()

@@ -32,6 +32,7 @@ from aiohttp import web
 
 from alerts.build import BurnWindow, RuleParams, recording_rules, render
 from tests.components import free_port, port_open, require_binary, wait_for
+from tests.helpers.dashboards import committed_dashboards, panels
 from tests.prometheus_stack import (
     ALERTMANAGER_HINT,
     INSTALL_HINT,
@@ -43,7 +44,6 @@ from tests.prometheus_stack import (
     started,
     wait_until,
 )
-from tests.test_dashboards import committed_dashboards, panels
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 

@@ -13,8 +13,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from jobs.logs import JsonFormatter, TextFormatter, TraceContextFilter
 from tests.conftest import CosmosDatabase
-from tests.test_cli import run_cli
-from tests.test_cli_cosmos import cosmos_env
+from tests.helpers.cli import cosmos_env, run_cli
 from worker.tracing import get_tracer
 
 

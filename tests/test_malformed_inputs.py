@@ -41,9 +41,9 @@ from jobs.settings import Settings
 from jobs.sqlite_store import SQLiteJobStore
 from jobs.store import JobStore, Position, encode_continuation
 from jobs.telemetry import Outcome
+from tests.helpers.cli import run_cli
+from tests.helpers.metrics import job_span_request, receiver_of, sample
 from tests.pipeline import QUEUE_KINDS, Pipeline, pipeline
-from tests.test_cli import run_cli
-from tests.test_metrics import job_span_request, receiver_of, sample
 from worker.consumer import REASON_MALFORMED
 from worker.local_queue import LocalQueue
 from worker.messages import MAX_ATTEMPT, MAX_BODY_BYTES, JobMessage

@@ -14,35 +14,23 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp.plugin import AiohttpClient, AiohttpServer
 
-from exporter.app import create_app, create_otlp_app
-from exporter.keys import REGISTRY, SETTINGS, SPAN_METRICS, STATE, WORKER_HEALTH
+from exporter.app import create_app
+from exporter.keys import STATE
 from exporter.spanmetrics import MetricsSpanProcessor, SpanMetrics
 from jobs import telemetry as attr
 from jobs.model import Job, JobStatus, utcnow
 from jobs.settings import Settings
 from jobs.sqlite_store import SQLiteJobStore
 from tests.components import require_binary
+from tests.helpers.metrics import job_span_request, receiver_of, sample
 from tests.pipeline import pipeline
-from worker.tracing import get_tracer
 
 S = JobStatus
 Client = TestClient[web.Request, web.Application]
 TEXT = "Vectors for everyone.\n\nA second paragraph so there is more than one chunk sometimes."
-
-
-def sample(text: str, name: str, labels: dict[str, str]) -> float | None:
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and s.labels == labels:
-                return s.value
-    return None
 
 
 @pytest.fixture
@@ -190,28 +178,6 @@ async def test_event_metrics_equal_what_the_worker_processed(tmp_path: Path, det
         total = value("embedding_job_duration_seconds_sum", tenant="acme") or 0
     assert total == pytest.approx(measured)
     assert value("embedding_exporter_spans_received_total", source="in_process") == 9
-
-
-def job_span_request(tenant: str, outcome: str, n: int = 1, vectors: int = 3) -> ExportTraceServiceRequest:
-    """An export request built by the real SDK and OTLP encoder."""
-    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracer = get_tracer(provider)
-    for _ in range(n):
-        with tracer.start_as_current_span(attr.JOB_SPAN, kind=SpanKind.CONSUMER) as span:
-            span.set_attributes(
-                {attr.TENANT: tenant, attr.OUTCOME: outcome, attr.VECTOR_COUNT: vectors, attr.QUEUE_WAIT: 0.5}
-            )
-    return encode_spans(exporter.get_finished_spans())
-
-
-async def receiver_of(aiohttp_client: AiohttpClient, app: web.Application) -> Client:
-    """A client of the OTLP receiver feeding app's span metrics, on a listener of its own as the exporter serves it."""
-    return await aiohttp_client(create_otlp_app(app[SETTINGS], app[SPAN_METRICS], app[REGISTRY], app[WORKER_HEALTH]))
 
 
 @dataclass

@@ -30,9 +30,9 @@ from jobs import telemetry as attr
 from jobs.settings import Settings
 from jobs.sqlite_store import SQLiteJobStore
 from tests.components import wait_until
-from tests.test_cli import cli_env, run_cli
-from tests.test_exporter_process import ExporterProcess, exporter_process
-from tests.test_metrics import job_span_request, receiver_of
+from tests.helpers.cli import cli_env, run_cli
+from tests.helpers.exporter import ExporterProcess, exporter_process
+from tests.helpers.metrics import job_span_request, receiver_of
 
 PROTOBUF = {"Content-Type": "application/x-protobuf"}
 TOKEN = "otlp-token-0123456789abcdef"

@@ -36,9 +36,8 @@ from jobs.sqlite_store import SQLiteJobStore
 from jobs.store import JobStore
 from tests.components import wait_until
 from tests.conftest import CosmosDatabase
+from tests.helpers.cli import cli_env, cosmos_env, run_cli
 from tests.servicebus_peer import ServiceBusPeer
-from tests.test_cli import cli_env, run_cli
-from tests.test_cli_cosmos import cosmos_env
 from worker.consumer import REASON_JOB_DEAD_LETTERED, REASON_MAX_ATTEMPTS, REASON_PERMANENT
 from worker.local_queue import LocalQueue
 from worker.producer import job_id_for

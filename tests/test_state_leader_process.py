@@ -19,9 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.components import wait_until
 from tests.conftest import STORE_BACKENDS, CosmosDatabase
-from tests.test_cli import run_cli
-from tests.test_cli_cosmos import cosmos_env
-from tests.test_exporter_process import ExporterProcess, exporter_process
+from tests.helpers.cli import cosmos_env, run_cli
+from tests.helpers.exporter import ExporterProcess, exporter_process
 
 INTERVAL = 1.0
 # The design bound is two refresh intervals (the lease timing gives 1.5 plus one store call);

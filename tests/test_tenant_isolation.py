@@ -32,7 +32,7 @@ from jobs.errors import InvalidContinuationError, JobNotFoundError
 from jobs.model import Job, JobStatus
 from jobs.settings import Settings
 from jobs.store import JobStore, empty_stats
-from tests.test_api import queue_sender
+from tests.helpers.api import queue_sender
 from worker.local_queue import LocalQueue
 from worker.messages import parse_message
 

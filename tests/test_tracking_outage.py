@@ -41,8 +41,7 @@ from jobs.telemetry import Outcome
 from tests.components import wait_until
 from tests.conftest import CosmosDatabase
 from tests.cosmos_server import cosmos_client
-from tests.test_cli import cli_env
-from tests.test_cli_cosmos import cosmos_env
+from tests.helpers.cli import cli_env, cosmos_env
 from worker.consumer import Consumer, ConsumerConfig
 from worker.cosmos_shards import CosmosShardStore
 from worker.embedders import create_embedder

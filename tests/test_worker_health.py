@@ -27,10 +27,9 @@ from jobs.settings import Settings
 from jobs.sqlite_store import SQLiteJobStore
 from tests.components import free_port, wait_until
 from tests.conftest import CosmosDatabase
-from tests.test_cli import cli_env, run_cli
-from tests.test_cli_cosmos import cosmos_env
-from tests.test_exporter_process import exporter_process, samples
-from tests.test_metrics import receiver_of
+from tests.helpers.cli import cli_env, cosmos_env, run_cli
+from tests.helpers.exporter import exporter_process
+from tests.helpers.metrics import receiver_of, samples
 
 Client = TestClient[web.Request, web.Application]
 PROTOBUF = {"Content-Type": "application/x-protobuf"}
