@@ -28,6 +28,9 @@ from tests.podman_tools import (
 from tests.queues import LocalBackend, QueueBackend, ServiceBusBackend
 from tests.servicebus_peer import ServiceBusPeer
 
+# The shared helpers assert like tests do; rewriting their asserts keeps pytest's detailed failure messages.
+pytest.register_assert_rewrite("tests.helpers")
+
 STORE_BACKENDS = ["sqlite", "cosmos"]
 
 
