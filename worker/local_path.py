@@ -39,7 +39,7 @@ from jobs.model import Job, JobMetadata, JobStatus
 from jobs.sqlite_db import transaction
 from jobs.sqlite_store import SQLiteJobStore
 from worker.local_queue import LocalQueue
-from worker.messages import JobMessage, MalformedMessageError, parse_message, trace_carrier
+from worker.messages import JobMessage, MalformedMessageError, parse_message
 from worker.queue import MessageLockLostError, Queue, QueueUnavailableError, ReceivedMessage
 from worker.shards import Shard, ShardStore, ShardVectors, SQLiteShardStore
 from worker.spool import TrackedWrite
@@ -133,7 +133,7 @@ class LocalPath:
         return results
 
     def _begin(self, conn: sqlite3.Connection, msg: JobMessage, received: ReceivedMessage) -> Begin | None:
-        trace_id = carrier_trace_id(trace_carrier(received.application_properties))
+        trace_id = carrier_trace_id(received.application_properties)
         expected = begin_from_status(msg.attempt)
         try:
             for _ in range(_BEGIN_STEPS):
